@@ -1,0 +1,139 @@
+"""Writing a (merged) GPTQ model as a checkpoint that stock transformers + optimum + gptqmodel load.
+
+Why not plain ``save_pretrained``: with gptqmodel's torch kernels the in-memory zero-points are v2
+(the real ``z``), but ``save_pretrained`` writes them unchanged under whatever ``checkpoint_format``
+the config carries, so a v1-labelled checkpoint reloads with every zero-point off by one (DESIGN.md
+§3).  :func:`export_gptq` converts ``qzeros`` to v1 with gptqmodel's own converter and writes
+``checkpoint_format: "gptq"`` (v1), which transformers/optimum/gptqmodel, vLLM and most other GPTQ
+engines read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Keys of GPTQConfig that describe the weights on disk (the rest are quantisation-time or load-time options).
+_QUANT_KEYS = ("quant_method", "bits", "group_size", "desc_act", "sym", "true_sequential", "damp_percent", "static_groups", "meta")
+
+
+def clean_quantization_config(qc, *, sym: Optional[bool] = None) -> dict:
+    """The ``quantization_config`` to write: weight-format keys only, ``checkpoint_format: "gptq"``.
+
+    Drops calibration data, tokenizer, backend and other load/quantise-time options (the calibration
+    ``dataset`` would otherwise leak training text into ``config.json``).
+    """
+    d = qc if isinstance(qc, dict) else qc.to_dict()
+    out = {k: d[k] for k in _QUANT_KEYS if k in d and d[k] is not None}
+    out["quant_method"] = "gptq"
+    if sym is not None:
+        out["sym"] = sym
+    out["checkpoint_format"] = "gptq"
+    return out
+
+
+def _v1_state_dict(model) -> dict[str, torch.Tensor]:
+    from .gptq_format import qzeros_v2_to_v1
+    from .model import gptq_layers
+
+    sd = {k: v for k, v in model.state_dict().items()}
+    for name, layer in gptq_layers(model).items():
+        key = f"{name}.qzeros"
+        if key in sd:
+            sd[key] = qzeros_v2_to_v1(layer.qzeros.detach().cpu(), int(layer.bits))
+    return sd
+
+
+def _atomic_replace(tmp: Path, target: Path) -> None:
+    backup = None
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, backup)
+    os.replace(tmp, target)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def export_gptq(
+    model,
+    output_dir: str | os.PathLike,
+    tokenizer=None,
+    card=None,
+    adapter_dir: Optional[str | os.PathLike] = None,
+    extra_files: Optional[dict[str, str | os.PathLike]] = None,
+    overwrite: bool = False,
+    max_shard_size: str = "2GB",
+) -> Path:
+    """Write a GPTQ model (merged or not) atomically as a stock-loadable checkpoint.
+
+    Writes sharded ``*.safetensors`` (with v1 ``qzeros``), ``config.json`` with a cleaned
+    ``quantization_config`` (:func:`clean_quantization_config`), ``generation_config.json``, the
+    tokenizer (with its chat template), ``README.md`` from ``card`` (a ``huggingface_hub.ModelCard``),
+    the PEFT adapter directory copied to ``adapter/``, and ``extra_files`` (``{relative name: source path}``,
+    e.g. a loss plot).  Everything goes into a temporary directory beside ``output_dir`` that is
+    renamed into place only when complete, so an interrupted export leaves no half-written directory.
+
+    Returns:
+        ``Path(output_dir)``.
+
+    Raises:
+        TypeError: ``model`` is a ``PeftModel`` (merge it first) or has no GPTQ layers.
+        FileExistsError: ``output_dir`` exists and is not empty, and ``overwrite`` is False.
+    """
+    from peft import PeftModel
+
+    from .model import gptq_layers, gptq_settings
+
+    if isinstance(model, PeftModel):
+        raise TypeError("export_gptq writes a plain GPTQ model; merge the adapters first with qalora_hf.merge_qalora(model).")
+    qc = gptq_settings(model)
+    if not gptq_layers(model):
+        raise TypeError("the model has no gptqmodel quantised layers to export.")
+    target = Path(output_dir).absolute()
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; choose another output_dir or pass overwrite=True.")
+    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"adapter_dir {adapter_dir} has no adapter_config.json.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        # transformers' GPTQ quantizer replaces a given state_dict with the in-memory (v2) one; detach
+        # it for the write so the v1 zero-points land on disk.
+        quantizer = getattr(model, "hf_quantizer", None)
+        model.hf_quantizer = None
+        try:
+            model.save_pretrained(tmp, state_dict=_v1_state_dict(model), max_shard_size=max_shard_size)
+        finally:
+            model.hf_quantizer = quantizer
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config["quantization_config"] = clean_quantization_config(qc)
+        config.pop("_name_or_path", None)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if adapter_dir is not None:
+            shutil.copytree(adapter_dir, tmp / "adapter", ignore=shutil.ignore_patterns("README.md", "*.pt", "*.pth"))
+        for name, src in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / name)
+        if card is not None:
+            card.save(tmp / "README.md")
+        _atomic_replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("exported GPTQ checkpoint to %s", target)
+    return target

@@ -1,0 +1,214 @@
+"""Read and write the integer tensors of a gptqmodel GPTQ linear layer.
+
+The layout (DESIGN.md §1, gptqmodel ``PackableQuantLinear.dequantize_weight``):
+
+* ``qweight`` int32 ``[K * bits / 32, N]``: codes ``q[i, o]`` packed along the input dim ``i``.
+* ``qzeros``  int32 ``[G, N * bits / 32]``: zero-points ``z[l, o]`` packed along the output dim ``o``.
+* ``scales``  fp16  ``[G, N]``, ``g_idx`` int32 ``[K]``.
+* ``W[o, i] = scales[g_idx[i], o] * (q[i, o] - z[g_idx[i], o])``.
+
+Every supported width (2, 3, 4, 8 bits) packs 32 values into ``bits`` consecutive int32 words as one
+little-endian bit stream: value ``j`` starts at bit ``j * bits`` of the stream.  For 2/4/8 bits that
+is the familiar ``value << (j * bits)`` inside one word; for 3 bits it is gptqmodel's "10-1-10-1-10"
+layout, whose values 10 and 21 straddle two words.  One generic packer therefore covers all widths;
+``tests/test_gptq_format.py`` round-trips it against gptqmodel's own ``dequantize_weight``.
+
+In memory, gptqmodel's torch kernels hold *v2* zero-points (the real ``z``).  On disk the ``gptq``
+(v1) checkpoint format stores ``z - 1``; :func:`qzeros_v2_to_v1` applies gptqmodel's own conversion.
+
+We pack by hand rather than through ``PackableQuantLinear.pack_block`` because that API re-derives
+codes by rounding a float weight and needs ``out_features % 32 == 0``; the merge must write the
+exact integer codes it chose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}.")
+
+
+def _bit_positions(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    start = torch.arange(32, dtype=torch.int64) * bits
+    return start // 32, start % 32  # word index inside the block, shift inside that word
+
+
+def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Unpack int32 words into integer codes along ``dim`` (0: rows, 1: columns).
+
+    Args:
+        packed: int32 tensor, 2-D; its size along ``dim`` is a multiple of ``bits``.
+        bits: 2, 3, 4 or 8.
+        dim: the packed dimension (0 for ``qweight``, 1 for ``qzeros``).
+
+    Returns:
+        int64 tensor whose size along ``dim`` is ``packed.size(dim) * 32 // bits``, values in
+        ``[0, 2**bits - 1]``.
+    """
+    _check_bits(bits)
+    x = packed.to(torch.int64) & 0xFFFFFFFF
+    if dim == 1:
+        x = x.t()
+    words, cols = x.shape
+    blocks = x.reshape(words // bits, bits, cols)
+    word, shift = _bit_positions(bits)
+    mask = (1 << bits) - 1
+    lo = blocks[:, word, :] >> shift.view(1, 32, 1)
+    # Bits that spill into the next word (3-bit only); for 2/4/8 bits spill is always 0.
+    spill = (shift + bits - 32).clamp(min=0)
+    nxt = (word + 1).clamp(max=bits - 1)
+    hi = (blocks[:, nxt, :] << (bits - spill).view(1, 32, 1)) * (spill > 0).view(1, 32, 1)
+    values = ((lo | hi) & mask).reshape(words // bits * 32, cols)
+    return values.t().contiguous() if dim == 1 else values
+
+
+def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`unpack`: pack integer codes in ``[0, 2**bits - 1]`` into int32 words.
+
+    Raises:
+        ValueError: a value outside ``[0, 2**bits - 1]`` or a packed size not a multiple of 32.
+    """
+    _check_bits(bits)
+    v = values.to(torch.int64)
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) > (1 << bits) - 1):
+        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for bits={bits}; got [{int(v.min())}, {int(v.max())}].")
+    if dim == 1:
+        v = v.t()
+    n, cols = v.shape
+    if n % 32:
+        raise ValueError(f"the packed dimension ({n}) must be a multiple of 32.")
+    blocks = v.reshape(n // 32, 32, cols)
+    word, shift = _bit_positions(bits)
+    out = torch.zeros(n // 32, bits, cols, dtype=torch.int64)
+    for j in range(32):
+        w, s = int(word[j]), int(shift[j])
+        out[:, w, :] |= blocks[:, j, :] << s
+        if s + bits > 32:
+            out[:, w + 1, :] |= blocks[:, j, :] >> (32 - s)
+    out = (out & 0xFFFFFFFF).reshape(n // 32 * bits, cols)
+    out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+    return out.t().contiguous() if dim == 1 else out
+
+
+@dataclass
+class GPTQTensors:
+    """The unpacked integer state of one GPTQ layer (all on CPU).
+
+    Attributes:
+        q: int64 ``[K, N]`` codes.
+        z: int64 ``[G, N]`` zero-points (v2: the real ``z``).
+        scales: float32 ``[G, N]`` (exact copies of the fp16 scales).
+        g_idx: int64 ``[K]`` group of each input channel.
+        bits: code width.
+    """
+
+    q: torch.Tensor
+    z: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def dequantize(self) -> torch.Tensor:
+        """Float32 ``W[o, i]`` of shape ``[N, K]`` (the ``nn.Linear`` layout)."""
+        g = self.g_idx
+        return (self.scales[g] * (self.q - self.z[g]).to(torch.float32)).t().contiguous()
+
+
+def read_layer(layer) -> GPTQTensors:
+    """Unpack a gptqmodel ``BaseQuantLinear`` (``qweight``/``qzeros``/``scales``/``g_idx``) to integers.
+
+    Raises:
+        TypeError: ``layer`` has no GPTQ buffers.
+        ValueError: the kernel does not keep v2 zero-points in memory (a v1 inference kernel); load the
+            model with ``GPTQConfig(bits=..., backend="torch")``.
+    """
+    for name in ("qweight", "qzeros", "scales", "g_idx", "bits"):
+        if not hasattr(layer, name):
+            raise TypeError(f"{type(layer).__name__} is not a GPTQ layer (no `{name}`).")
+    if not getattr(type(layer), "REQUIRES_FORMAT_V2", False):
+        raise ValueError(
+            f"{type(layer).__name__} may hold v1 zero-points in memory; load the model with "
+            'GPTQConfig(bits=..., backend="torch") so it holds v2 zero-points.'
+        )
+    bits = int(layer.bits)
+    k, n = layer.in_features, layer.out_features
+    q = unpack(layer.qweight.detach().cpu(), bits, dim=0)[:k, :n]
+    z = unpack(layer.qzeros.detach().cpu(), bits, dim=1)[:, :n]
+    return GPTQTensors(
+        q=q,
+        z=z,
+        scales=layer.scales.detach().cpu().to(torch.float32),
+        g_idx=layer.g_idx.detach().cpu().to(torch.int64),
+        bits=bits,
+    )
+
+
+def write_layer(layer, q: torch.Tensor | None = None, z: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> None:
+    """Write new codes, zero-points and/or scales into a gptqmodel layer in place.
+
+    Args:
+        q: int ``[K, N]`` codes in ``[0, 2**bits - 1]``, or None to keep them.
+        z: int ``[G, N]`` v2 zero-points in ``[0, 2**bits - 1]``, or None to keep them.
+        scales: float ``[G, N]`` (stored as the layer's scale dtype, fp16), or None to keep them.
+
+    Raises:
+        ValueError: a code or zero-point outside the ``bits`` range, or a shape mismatch.
+    """
+    bits = int(layer.bits)
+    if q is not None:
+        if tuple(q.shape) != (layer.in_features, layer.out_features):
+            raise ValueError(f"q has shape {tuple(q.shape)}, expected {(layer.in_features, layer.out_features)}.")
+        packed = pack(_pad(q, layer.qweight.shape[0] * 32 // bits, layer.qweight.shape[1]), bits, dim=0)
+        layer.qweight.data.copy_(packed.to(layer.qweight.device))
+    if z is not None:
+        if tuple(z.shape) != tuple(layer.scales.shape):
+            raise ValueError(f"z has shape {tuple(z.shape)}, expected {tuple(layer.scales.shape)}.")
+        packed = pack(_pad(z, layer.qzeros.shape[0], layer.qzeros.shape[1] * 32 // bits), bits, dim=1)
+        layer.qzeros.data.copy_(packed.to(layer.qzeros.device))
+    if scales is not None:
+        layer.scales.data.copy_(scales.to(layer.scales.dtype).to(layer.scales.device))
+    for hook in ("clear_weight_cache", "_stream_reset_cache"):
+        fn = getattr(layer, hook, None)
+        if callable(fn):
+            fn()
+
+
+def _pad(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    if tuple(x.shape) == (rows, cols):
+        return x
+    out = torch.zeros(rows, cols, dtype=torch.int64)
+    out[: x.shape[0], : x.shape[1]] = x
+    return out
+
+
+def qzeros_v2_to_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed v2 ``qzeros`` (real ``z``) -> the ``checkpoint_format="gptq"`` (v1) words on disk.
+
+    Uses gptqmodel's own ``convert_gptq_v2_to_v1_format_module`` so that gptqmodel's v1 loader (which
+    transformers + optimum use) inverts it exactly, including ``z = 0`` fields.
+    """
+    from gptqmodel.nn_modules.qlinear import PackableQuantLinear
+    from gptqmodel.utils.model import convert_gptq_v2_to_v1_format_module
+
+    holder = PackableQuantLinear.__new__(PackableQuantLinear)
+    torch.nn.Module.__init__(holder)
+    holder.qzeros = torch.nn.Parameter(qzeros.clone(), requires_grad=False)
+    holder.bits = bits
+    holder.pack_dtype = torch.int32
+    holder.planar = False
+    holder._qzeros_format = 2
+    settings = SimpleNamespace(bits=bits, pack_dtype=torch.int32)
+    convert_gptq_v2_to_v1_format_module(holder, quantize_config=settings)
+    return holder.qzeros.data

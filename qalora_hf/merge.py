@@ -1,0 +1,334 @@
+"""Merging QA-LoRA adapters into the integers of a GPTQ checkpoint.
+
+The paper's merge (Xu et al. 2023, Appendix B; DESIGN.md §2) folds the group-constant update
+``D[l, o]`` into the zero-points: ``s * (q - z) + D = s * (q - (z - t))`` with ``t = D / s`` in
+quantisation steps.  GPTQ zero-points are integers, and fine-tuning shifts are mostly a small
+fraction of a step, so rounding ``z - t`` drops most of the update.  Strategies:
+
+``"round"``
+    ``z' = clamp(round(z - t))``; codes unchanged.  Exact when every ``t`` is an integer and no
+    zero-point is clamped.  Kept as the reference baseline.
+
+``"gptq"`` (default)
+    Integer part of the shift into the zero-points as in ``round``, then the fractional remainder
+    carried by re-choosing the integer codes on the fixed grid ``(s, z')`` with GPTQ's column-by-column
+    error feedback (Frantar et al. 2022, "GPTQ", Algorithm 1), minimising
+    ``|| X (W_int - (W_base + dW))^T ||_F^2`` with ``H = X^T X`` collected from calibration inputs of
+    each layer (the trained model's activations).  Columns are processed in descending ``diag(H)``
+    order (GPTQ's act-order heuristic).  Needs ``calibration``.
+
+Every strategy keeps codes and zero-points in ``[0, 2**bits - 1]`` and leaves layers without an
+adapter bit-identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Optional
+
+import torch
+from peft import PeftModel
+from tqdm.auto import tqdm
+
+from .adapter import group_delta
+from .gptq_format import GPTQTensors, read_layer, write_layer
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("round", "gptq")
+
+
+@dataclass
+class LayerMergeReport:
+    """What the merge did to one layer.
+
+    Attributes:
+        name: qualified module name.
+        shift_abs_median / shift_abs_p99 / shift_abs_max: ``|t|`` in quantisation steps.
+        shift_frac_mean: mean ``|t - round(t)|`` (0 means the zero-point merge alone is exact).
+        shift_frac_above_half: fraction of ``|t| > 0.5``.
+        zeros_clamped: zero-points ``z - t`` that fell outside ``[0, 2**bits - 1]`` and were clamped.
+        zeros_changed / codes_changed: integers rewritten.
+        max_abs_weight_error: max ``|W_int - (W_base + dW)|`` over the layer.
+        rel_output_error: ``tr(E H E^T) / tr(dW H dW^T)`` with ``E = W_int - (W_base + dW)``: the output
+            error relative to the adapter's own effect on the calibration inputs (0 = exact, 1 = as bad
+            as dropping the adapter); None without calibration.
+        exact: every weight equals ``W_base + dW`` to float precision.
+    """
+
+    name: str
+    shift_abs_median: float
+    shift_abs_p99: float
+    shift_abs_max: float
+    shift_frac_mean: float
+    shift_frac_above_half: float
+    zeros_clamped: int
+    zeros_changed: int
+    codes_changed: int
+    max_abs_weight_error: float
+    rel_output_error: Optional[float]
+    exact: bool
+
+
+@dataclass
+class MergeReport:
+    """Per-layer :class:`LayerMergeReport` plus totals."""
+
+    strategy: str
+    layers: list[LayerMergeReport] = field(default_factory=list)
+
+    @property
+    def totals(self) -> dict:
+        n = len(self.layers)
+        errs = [lr.rel_output_error for lr in self.layers if lr.rel_output_error is not None]
+        return {
+            "strategy": self.strategy,
+            "layers": n,
+            "exact_layers": sum(lr.exact for lr in self.layers),
+            "zeros_clamped": sum(lr.zeros_clamped for lr in self.layers),
+            "zeros_changed": sum(lr.zeros_changed for lr in self.layers),
+            "codes_changed": sum(lr.codes_changed for lr in self.layers),
+            "shift_abs_median": _median([lr.shift_abs_median for lr in self.layers]),
+            "shift_abs_p99_max": max((lr.shift_abs_p99 for lr in self.layers), default=0.0),
+            "shift_frac_above_half": sum(lr.shift_frac_above_half for lr in self.layers) / max(n, 1),
+            "rel_output_error_mean": sum(errs) / len(errs) if errs else None,
+        }
+
+    def to_dict(self) -> dict:
+        return {"totals": self.totals, "layers": [asdict(lr) for lr in self.layers]}
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration statistics
+
+
+def collect_hessians(model: torch.nn.Module, layer_names: list[str], batches: Iterable[dict]) -> dict[str, torch.Tensor]:
+    """``H = sum_x x x^T`` (float64 [K, K]) of the inputs of each named layer over ``batches``.
+
+    Args:
+        model: the model to run (the trained PEFT model, adapters active).
+        layer_names: qualified names of the modules whose *input* is recorded.
+        batches: dicts of model inputs (``input_ids``, ``attention_mask``); padded positions
+            (``attention_mask == 0``) are excluded.
+    """
+    modules = dict(model.named_modules())
+    hessians: dict[str, torch.Tensor] = {}
+    mask_holder: dict[str, Optional[torch.Tensor]] = {"mask": None}
+    shared: dict[int, tuple] = {}  # q/k/v (and gate/up) see the same input: compute once per call
+
+    def hook(name):
+        def fn(_module, args):
+            x = args[0]
+            key = id(x)
+            if key not in shared or shared[key][0] is not x:  # the reference kept in `shared` pins the id
+                x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+                mask = mask_holder["mask"]
+                if mask is not None and mask.numel() == x2.shape[0]:
+                    x2 = x2[mask.reshape(-1).bool()]
+                shared[key] = (x, x2.t() @ x2)
+            h = shared[key][1]
+            hessians[name] = hessians[name] + h if name in hessians else h.clone()
+
+        return fn
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in layer_names]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask_holder["mask"] = batch.get("attention_mask")
+                shared.clear()
+                model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return hessians
+
+
+# --------------------------------------------------------------------------------------------------
+# Strategies
+
+
+def _fixed_grid_gptq(
+    target: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    g_idx: torch.Tensor,
+    maxq: int,
+    hessian: torch.Tensor,
+    fallback_codes: torch.Tensor,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """Integer codes ``Q`` [K, N] minimising ``||X (W_Q - target)^T||`` on a fixed grid.
+
+    ``W_Q[o, i] = scales[g_idx[i], o] * (Q[i, o] - zeros[g_idx[i], o])`` with ``Q`` in ``[0, maxq]``.
+    GPTQ (Frantar et al. 2022, Algorithm 1: lazy-batch Cholesky form, dampening ``damp * mean(diag H)``,
+    act-order) with the per-column quantiser replaced by rounding onto the given scales and
+    zero-points instead of fitting new ones.
+
+    Args:
+        target: float32 [N, K], ``W_base + dW``.
+        scales / zeros: [G, N] (zeros may be float or int; here the integer ``z'``).
+        hessian: float64 [K, K], ``X^T X``.
+        fallback_codes: [K, N] codes used for columns with no activation (``H[i, i] == 0``).
+    """
+    w = target.to(torch.float64).clone()  # [N, K]
+    k = w.shape[1]
+    s_cols = scales.to(torch.float64)[g_idx].t()  # [N, K]
+    z_cols = zeros.to(torch.float64)[g_idx].t()
+    h = hessian.to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=torch.float64)
+    perm = torch.argsort(torch.diag(h), descending=True)
+    w, s_cols, z_cols, h = w[:, perm], s_cols[:, perm], z_cols[:, perm], h[perm][:, perm]
+    dead_p = dead[perm]
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.empty_like(w)
+    fallback = fallback_codes.t().to(torch.float64)[:, perm]
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            col = i1 + j
+            if dead_p[col]:
+                c = fallback[:, col]
+            else:
+                c = torch.clamp(torch.round(w1[:, j] / s_cols[:, col] + z_cols[:, col]), 0, maxq)
+            codes[:, col] = c
+            qv = s_cols[:, col] * (c - z_cols[:, col])
+            e = (w1[:, j] - qv) / hinv1[j, j]
+            w1[:, j:] -= e.unsqueeze(1) * hinv1[j, j:].unsqueeze(0)
+            err1[:, j] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    return out.t().to(torch.int64).contiguous()
+
+
+def _merge_layer(name: str, t: GPTQTensors, delta: torch.Tensor, strategy: str, hessian: Optional[torch.Tensor]):
+    """Return new (q, z) and the layer report.  ``delta`` is D [G, N]."""
+    shift = delta / t.scales  # t in quantisation steps, [G, N]
+    zf = t.z.to(torch.float64) - shift.to(torch.float64)
+    z_new = torch.round(zf)
+    clamped = int(((z_new < 0) | (z_new > t.maxq)).sum())
+    z_new = z_new.clamp(0, t.maxq).to(torch.int64)
+    q_new = t.q
+    if strategy == "gptq":
+        target = t.dequantize() + delta[t.g_idx].t()
+        q_new = _fixed_grid_gptq(target, t.scales, z_new, t.g_idx, t.maxq, hessian, t.q)
+    elif strategy != "round":
+        raise ValueError(f"unknown merge strategy '{strategy}'; choose one of {STRATEGIES}.")
+
+    target = t.dequantize().to(torch.float64) + delta[t.g_idx].t().to(torch.float64)  # [N, K]
+    merged = GPTQTensors(q=q_new, z=z_new, scales=t.scales, g_idx=t.g_idx, bits=t.bits).dequantize().to(torch.float64)
+    err = merged - target
+    rel = None
+    if hessian is not None:
+        dw = delta[t.g_idx].t().to(torch.float64)
+        denom = float(torch.einsum("ok,kj,oj->", dw, hessian, dw))
+        num = float(torch.einsum("ok,kj,oj->", err, hessian, err))
+        rel = num / denom if denom > 0 else (0.0 if num == 0 else math.inf)
+    abs_shift = shift.abs().flatten().to(torch.float64)
+    frac = (shift - torch.round(shift)).abs()
+    tol = 1e-6 * float(t.scales.abs().max())
+    report = LayerMergeReport(
+        name=name,
+        shift_abs_median=float(abs_shift.median()),
+        shift_abs_p99=float(torch.quantile(abs_shift, 0.99)) if abs_shift.numel() < 16_000_000 else float(abs_shift.max()),
+        shift_abs_max=float(abs_shift.max()),
+        shift_frac_mean=float(frac.mean()),
+        shift_frac_above_half=float((abs_shift > 0.5).double().mean()),
+        zeros_clamped=clamped,
+        zeros_changed=int((z_new != t.z).sum()),
+        codes_changed=int((q_new != t.q).sum()),
+        max_abs_weight_error=float(err.abs().max()),
+        rel_output_error=rel,
+        exact=bool(err.abs().max() <= tol),
+    )
+    return q_new, z_new, report
+
+
+def qalora_layers(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.nn.Module]:
+    """The PEFT layers of ``model`` that hold a QA-LoRA adapter ``adapter_name`` on a GPTQ base."""
+    out = {}
+    for name, m in model.named_modules():
+        if hasattr(m, "qalora_group_size") and adapter_name in getattr(m, "lora_A", {}) and hasattr(m.get_base_layer(), "qzeros"):
+            out[name] = m
+    return out
+
+
+def merge_qalora(
+    model: PeftModel,
+    strategy: str = "gptq",
+    calibration: Optional[Iterable[dict]] = None,
+    adapter_name: str = "default",
+    progress: bool = True,
+):
+    """Fold every QA-LoRA adapter into the integers of its GPTQ layer and drop the PEFT wrapper.
+
+    Args:
+        model: a ``PeftModel`` from :func:`qalora_hf.get_qalora_model` or
+            :func:`qalora_hf.load_qalora_adapter` (stock PEFT ``use_qalora`` adapters included).
+        strategy: ``"gptq"`` (default; needs ``calibration``) or ``"round"``; see the module docstring.
+        calibration: batches (dicts with ``input_ids`` and optional ``attention_mask`` tensors) from
+            the training distribution, run once through the trained model to collect ``H = X^T X``
+            per layer.  With ``"round"`` they only feed ``rel_output_error`` in the report.
+
+    Returns:
+        ``(merged_model, report)``: the plain transformers GPTQ model (no PEFT wrapper, no adapter
+        modules; ``quantization_config.sym`` set to False) and a :class:`MergeReport`.
+
+    Raises:
+        TypeError: ``model`` is not a ``PeftModel`` with QA-LoRA layers.
+        ValueError: unknown strategy, or ``"gptq"`` without calibration.
+    """
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"merge_qalora expects a peft.PeftModel with QA-LoRA adapters, got {type(model).__name__}.")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown merge strategy '{strategy}'; choose one of {STRATEGIES}.")
+    layers = qalora_layers(model, adapter_name)
+    if not layers:
+        raise TypeError("the model has no QA-LoRA layers on GPTQ layers (was it built with get_qalora_model?).")
+    calibration = list(calibration) if calibration is not None else None
+    if strategy == "gptq" and not calibration:
+        raise ValueError("strategy='gptq' needs calibration batches (a few hundred training rows); pass calibration=... or use strategy='round'.")
+
+    hessians = {}
+    if calibration:
+        logger.info("merge: collecting input statistics of %d layers on %d calibration batches", len(layers), len(calibration))
+        hessians = collect_hessians(model, [f"{n}.base_layer" for n in layers], calibration)
+
+    report = MergeReport(strategy=strategy)
+    for name, module in tqdm(layers.items(), desc=f"Merging QA-LoRA ({strategy})", disable=not progress):
+        base = module.get_base_layer()
+        delta = group_delta(module, adapter_name)
+        tensors = read_layer(base)
+        h = hessians.get(f"{name}.base_layer")
+        q_new, z_new, layer_report = _merge_layer(name.removeprefix("base_model.model."), tensors, delta, strategy, h)
+        write_layer(base, q=q_new if layer_report.codes_changed else None, z=z_new)
+        report.layers.append(layer_report)
+
+    merged = model.unload()
+    qc = merged.config.quantization_config
+    if isinstance(qc, dict):
+        qc["sym"] = False
+    else:
+        qc.sym = False
+    hf_quantizer = getattr(merged, "hf_quantizer", None)
+    if hf_quantizer is not None and hf_quantizer.quantization_config is not qc:
+        hf_quantizer.quantization_config.sym = False
+    logger.info("merge: %s", report.totals)
+    return merged, report

@@ -1,0 +1,162 @@
+"""Injecting QA-LoRA adapters into a transformers GPTQ model, through PEFT."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Union
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from .adapter import QALoraGPTQLinear, gptq_group_size, pooling_permutation
+from .config import QALoraConfig
+from .gptq_format import SUPPORTED_BITS
+
+logger = logging.getLogger(__name__)
+
+
+def _quant_linear_cls():
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    return BaseQuantLinear
+
+
+def gptq_settings(model) -> dict:
+    """``quantization_config`` of a transformers GPTQ model as a dict (bits, group_size, desc_act, sym, ...).
+
+    Raises:
+        TypeError: the model is not GPTQ-quantised (a float model, bitsandbytes, AWQ, ...).
+    """
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is None:
+        raise TypeError(
+            f"{type(model).__name__} is not GPTQ-quantised (no quantization_config). QA-LoRA trains on a GPTQ base: "
+            "load a GPTQ checkpoint with GPTQConfig(bits=..., backend='torch'), or quantise first (QALoraTrainer's quantize_config)."
+        )
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = str(qc.get("quant_method", "")).lower().replace("quantizationmethod.", "")
+    if method != "gptq":
+        raise TypeError(
+            f"the model is quantised with '{method}', not GPTQ. QA-LoRA merges into GPTQ zero-points; on bitsandbytes "
+            "PEFT would silently train plain LoRA. Use a GPTQ model (GPTQConfig / gptqmodel)."
+        )
+    if int(qc.get("bits", 0)) not in SUPPORTED_BITS:
+        raise ValueError(f"GPTQ bits={qc.get('bits')} is not supported; QA-LoRA supports bits in {SUPPORTED_BITS}.")
+    return qc
+
+
+def gptq_layers(model) -> dict[str, torch.nn.Module]:
+    """All gptqmodel quantised linear layers of ``model``, by qualified name."""
+    cls = _quant_linear_cls()
+    return {name: m for name, m in model.named_modules() if isinstance(m, cls)}
+
+
+def _resolve_targets(model, target_modules: Union[list[str], str], layers: dict) -> list[str]:
+    """Expand 'all-linear' and check each target hits GPTQ layers only; returns qualified layer names."""
+    if target_modules == "all-linear":
+        names = [n for n in layers if not n.split(".")[-1] == "lm_head"]
+        if not names:
+            raise ValueError("the model has no GPTQ linear layers to adapt.")
+        return names
+    chosen = []
+    modules = dict(model.named_modules())
+    for target in target_modules:
+        hits = [n for n in modules if n == target or n.endswith("." + target)]
+        if not hits:
+            raise ValueError(
+                f"target module '{target}' matches no module of the model; valid GPTQ layer names end in: "
+                f"{sorted({n.split('.')[-1] for n in layers})}."
+            )
+        not_gptq = [n for n in hits if n not in layers]
+        if not_gptq:
+            raise ValueError(
+                f"target module '{target}' matches {not_gptq[0]} ({type(modules[not_gptq[0]]).__name__}), which is not a GPTQ "
+                "quantised layer; PEFT would train plain LoRA there, which cannot be merged into GPTQ. Remove it from target_modules."
+            )
+        chosen.extend(hits)
+    return sorted(set(chosen))
+
+
+def _lora_config_for(model, config: QALoraConfig) -> tuple[LoraConfig, list[str]]:
+    qc = gptq_settings(model)
+    layers = gptq_layers(model)
+    if not layers:
+        raise TypeError(
+            "the model has a GPTQ quantization_config but no gptqmodel quantised layers; install gptqmodel and load "
+            "with GPTQConfig(bits=..., backend='torch')."
+        )
+    model_g = int(qc.get("group_size", -1))
+    if model_g in (-1, 0):
+        raise ValueError(
+            "the GPTQ model uses group_size=-1 (one group per row): QA-LoRA then has a single pooled feature per layer. "
+            "Quantise with a group size such as 32, 64 or 128."
+        )
+    g = config.group_size or model_g
+    if g != model_g:
+        raise ValueError(
+            f"QALoraConfig.group_size={g} differs from the model's GPTQ group_size={model_g}; the adapter could not be "
+            f"merged into the zero-points. Set group_size={model_g} or leave it unset."
+        )
+    names = _resolve_targets(model, config.target_modules, layers)
+    for name in names:
+        layer = layers[name]
+        if gptq_group_size(layer) != g:
+            raise ValueError(f"{name}: GPTQ group_size {gptq_group_size(layer)} != {g}; set group_size={gptq_group_size(layer)}.")
+        pooling_permutation(layer.g_idx, g, name)
+    lora_config = config.to_lora_config(group_size=g)
+    # Exact module names, so PEFT does not re-interpret suffixes.
+    lora_config.target_modules = names
+    return lora_config, names
+
+
+def _register(lora_config: LoraConfig) -> LoraConfig:
+    lora_config._register_custom_module({_quant_linear_cls(): QALoraGPTQLinear})
+    return lora_config
+
+
+def get_qalora_model(model, config: Optional[QALoraConfig] = None, adapter_name: str = "default") -> PeftModel:
+    """Wrap a transformers GPTQ model with QA-LoRA adapters on every targeted quantised layer.
+
+    The packed INT weights stay frozen; only ``lora_A`` [r, G] / ``lora_B`` [N, r] train.
+
+    Args:
+        model: a ``PreTrainedModel`` loaded by transformers + optimum + gptqmodel with a trainable kernel
+            (``GPTQConfig(bits=..., backend="torch")``).
+        config: adapter options; default ``QALoraConfig()``.
+
+    Returns:
+        A ``peft.PeftModel`` whose ``save_pretrained`` writes a stock PEFT LoRA adapter
+        (``use_qalora=True``, ``qalora_group_size`` = GPTQ group size).
+
+    Raises:
+        TypeError: not a GPTQ model (float, bitsandbytes, AWQ, ...).
+        ValueError: unsupported bits, group size mismatch, ``in_features`` not a multiple of the group
+            size, or a target that matches nothing or a non-GPTQ layer.
+    """
+    config = config or QALoraConfig()
+    lora_config, names = _lora_config_for(model, config)
+    peft_model = get_peft_model(model, _register(lora_config), adapter_name=adapter_name)
+    n_adapted = sum(isinstance(m, QALoraGPTQLinear) for m in peft_model.modules())
+    if n_adapted != len(names):
+        raise RuntimeError(f"expected {len(names)} QA-LoRA layers, PEFT created {n_adapted}.")
+    return peft_model
+
+
+def load_qalora_adapter(model, adapter_path: str, is_trainable: bool = False, adapter_name: str = "default", **kwargs) -> PeftModel:
+    """Load a saved QA-LoRA adapter (ours or stock PEFT ``use_qalora``) onto a GPTQ ``model``.
+
+    Args:
+        adapter_path: a local directory or Hub repo holding ``adapter_config.json`` and
+            ``adapter_model.safetensors``; ``kwargs`` go to ``PeftModel.from_pretrained`` (``subfolder``,
+            ``revision``, ...).
+
+    Raises:
+        ValueError: the adapter is not a QA-LoRA adapter (``use_qalora`` false), or it does not fit the model.
+    """
+    lora_config = LoraConfig.from_pretrained(adapter_path, subfolder=kwargs.get("subfolder"), revision=kwargs.get("revision"))
+    if not getattr(lora_config, "use_qalora", False):
+        raise ValueError(f"{adapter_path} is a plain LoRA adapter (use_qalora is false); it cannot be merged into GPTQ zero-points.")
+    checked, _ = _lora_config_for(model, QALoraConfig.from_lora_config(lora_config))
+    lora_config.target_modules = checked.target_modules
+    lora_config.inference_mode = not is_trainable
+    return PeftModel.from_pretrained(model, adapter_path, config=_register(lora_config), is_trainable=is_trainable, adapter_name=adapter_name, **kwargs)
