@@ -304,6 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json({"standardEnvVars": [], "harnesses": {}})
         if p == ["api", "repos", "create"] and method == "POST":
             return self._create_repo(json.loads(body or b"{}"))
+        if p == ["api", "validate-yaml"] and method == "POST":  # upload_folder/create_commit check README.md first
+            return self._validate_yaml(json.loads(body or b"{}"))
         if p[0] == "lfs-upload" and len(p) == 2 and method == "PUT":
             return self._lfs_put(p[1])
         if len(p) >= 4 and p[:2] == ["api", "models"]:
@@ -339,6 +341,21 @@ class _Handler(BaseHTTPRequestHandler):
         self._require_auth()
         self._json({"type": "user", "name": USER_NAME, "fullname": "Local User", "orgs": [],
                     "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}}})
+
+    def _validate_yaml(self, payload: dict) -> None:
+        """The README.md front matter must be a YAML mapping (the Hub also checks known keys; this does not)."""
+        import yaml
+
+        match = re.match(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", payload.get("content", ""), re.S)
+        try:
+            meta = yaml.safe_load(match.group(1)) if match else {}
+            if not isinstance(meta, (dict, type(None))):
+                raise ValueError("metadata must be a YAML mapping")
+        except (yaml.YAMLError, ValueError) as err:
+            message = f"Invalid YAML metadata: {str(err).splitlines()[0]}"
+            return self._json({"error": message, "errors": [{"message": message}], "warnings": []}, 400)
+        warnings = [] if meta else [{"message": "Empty or missing yaml metadata in repo card"}]
+        self._json({"errors": [], "warnings": warnings})
 
     def _create_repo(self, payload: dict) -> None:
         self._require_auth()
