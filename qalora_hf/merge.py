@@ -17,6 +17,11 @@ fraction of a step, so rounding ``z - t`` drops most of the update.  Strategies:
     each layer (the trained model's activations).  Columns are processed in descending ``diag(H)``
     order (GPTQ's act-order heuristic).  Needs ``calibration``.
 
+``"scales"``
+    As ``"gptq"``, preceded by a calibration-weighted least-squares refit of the fp16 group scales
+    (codes and zero-points fixed; see :func:`_refit_scales`), so the continuous scales carry what they
+    can of the update and the code flips carry the rest (including the fp16 rounding of the scales).
+
 Every strategy keeps codes and zero-points in ``[0, 2**bits - 1]`` and leaves layers without an
 adapter bit-identical.
 """
@@ -37,7 +42,7 @@ from .gptq_format import GPTQTensors, read_layer, write_layer
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("round", "gptq")
+STRATEGIES = ("round", "gptq", "scales")
 
 
 @dataclass
@@ -50,7 +55,7 @@ class LayerMergeReport:
         shift_frac_mean: mean ``|t - round(t)|`` (0 means the zero-point merge alone is exact).
         shift_frac_above_half: fraction of ``|t| > 0.5``.
         zeros_clamped: zero-points ``z - t`` that fell outside ``[0, 2**bits - 1]`` and were clamped.
-        zeros_changed / codes_changed: integers rewritten.
+        zeros_changed / codes_changed: integers rewritten; scales_changed: fp16 scales rewritten.
         max_abs_weight_error: max ``|W_int - (W_base + dW)|`` over the layer.
         rel_output_error: ``tr(E H E^T) / tr(dW H dW^T)`` with ``E = W_int - (W_base + dW)``: the output
             error relative to the adapter's own effect on the calibration inputs (0 = exact, 1 = as bad
@@ -70,6 +75,7 @@ class LayerMergeReport:
     max_abs_weight_error: float
     rel_output_error: Optional[float]
     exact: bool
+    scales_changed: int = 0
 
 
 @dataclass
@@ -90,6 +96,7 @@ class MergeReport:
             "zeros_clamped": sum(lr.zeros_clamped for lr in self.layers),
             "zeros_changed": sum(lr.zeros_changed for lr in self.layers),
             "codes_changed": sum(lr.codes_changed for lr in self.layers),
+            "scales_changed": sum(lr.scales_changed for lr in self.layers),
             "shift_abs_median": _median([lr.shift_abs_median for lr in self.layers]),
             "shift_abs_p99_max": max((lr.shift_abs_p99 for lr in self.layers), default=0.0),
             "shift_frac_above_half": sum(lr.shift_frac_above_half for lr in self.layers) / max(n, 1),
@@ -218,22 +225,64 @@ def _fixed_grid_gptq(
     return out.t().to(torch.int64).contiguous()
 
 
+def _refit_scales(
+    target: torch.Tensor, t: GPTQTensors, z: torch.Tensor, hessian: torch.Tensor, damp: float = 1e-4, max_rel: float = 0.5, chunk: int = 16
+) -> torch.Tensor:
+    """Per-group scales ``s'`` [G, N] minimising ``||X (W(s') - target)^T||`` with codes and zero-points fixed.
+
+    ``W(s')[o, i] = s'[l, o] * v[i, o]`` with ``v = q - z'`` and ``l = g_idx[i]``, so each output row ``o`` is a
+    linear least-squares problem in its G scales under the metric ``H = X^T X``::
+
+        (A_o^T H A_o + lambda I) s'_o = A_o^T H target_o,    A_o[i, l] = v[i, o] [g_idx[i] == l]
+
+    This is the closed-form, calibration-weighted version of the "scale correction that absorbs the part of
+    the constant shift lying along (q - z)" (issue #6; scale-only tuning as in PEQA, Kim et al. 2023), solved
+    jointly over the groups of a row so cross-group correlations in ``H`` are used.  Changes are limited to
+    ``max_rel`` of the old scale, and the result is rounded to fp16 as stored.
+    """
+    k, n = t.q.shape
+    groups = t.scales.shape[0]
+    g = k // groups
+    perm = torch.argsort(t.g_idx, stable=True)
+    v = (t.q - z[t.g_idx]).to(torch.float32).t()[:, perm].reshape(n, groups, g)  # [N, G, g]
+    h = hessian.to(torch.float32)[perm][:, perm]
+    h4 = h.reshape(groups, g, groups, g)
+    rhs_full = target.to(torch.float32)[:, perm] @ h  # [N, K]
+    rhs = (rhs_full.reshape(n, groups, g) * v).sum(-1)  # [N, G]
+    new = torch.empty(n, groups, dtype=torch.float32)
+    for o1 in range(0, n, chunk):
+        vv = v[o1 : o1 + chunk]
+        m = torch.einsum("nla,lamb,nmb->nlm", vv, h4, vv)
+        diag = torch.diagonal(m, dim1=1, dim2=2)
+        lam = damp * diag.mean(dim=1, keepdim=True).clamp(min=1e-12)
+        m = m + torch.diag_embed(lam.expand_as(diag))
+        # regularise towards the old scales: solve for the change only
+        old = t.scales[:, o1 : o1 + chunk].t().to(torch.float32)
+        b = rhs[o1 : o1 + chunk] - torch.einsum("nlm,nm->nl", m - torch.diag_embed(lam.expand_as(diag)), old)
+        new[o1 : o1 + chunk] = old + torch.linalg.solve(m, b.unsqueeze(-1)).squeeze(-1)
+    old = t.scales.t()
+    new = torch.maximum(torch.minimum(new, old + max_rel * old.abs()), old - max_rel * old.abs())
+    return new.t().to(torch.float16).to(torch.float32).contiguous()
+
+
 def _merge_layer(name: str, t: GPTQTensors, delta: torch.Tensor, strategy: str, hessian: Optional[torch.Tensor]):
-    """Return new (q, z) and the layer report.  ``delta`` is D [G, N]."""
+    """Return new (q, z, scales) and the layer report.  ``delta`` is D [G, N]."""
     shift = delta / t.scales  # t in quantisation steps, [G, N]
     zf = t.z.to(torch.float64) - shift.to(torch.float64)
     z_new = torch.round(zf)
     clamped = int(((z_new < 0) | (z_new > t.maxq)).sum())
     z_new = z_new.clamp(0, t.maxq).to(torch.int64)
-    q_new = t.q
-    if strategy == "gptq":
-        target = t.dequantize() + delta[t.g_idx].t()
-        q_new = _fixed_grid_gptq(target, t.scales, z_new, t.g_idx, t.maxq, hessian, t.q)
+    q_new, s_new = t.q, t.scales
+    target = t.dequantize() + delta[t.g_idx].t()  # [N, K]
+    if strategy == "scales":
+        s_new = _refit_scales(target, t, z_new, hessian)
+    if strategy in ("gptq", "scales"):
+        q_new = _fixed_grid_gptq(target, s_new, z_new, t.g_idx, t.maxq, hessian, t.q)
     elif strategy != "round":
         raise ValueError(f"unknown merge strategy '{strategy}'; choose one of {STRATEGIES}.")
 
-    target = t.dequantize().to(torch.float64) + delta[t.g_idx].t().to(torch.float64)  # [N, K]
-    merged = GPTQTensors(q=q_new, z=z_new, scales=t.scales, g_idx=t.g_idx, bits=t.bits).dequantize().to(torch.float64)
+    target = target.to(torch.float64)
+    merged = GPTQTensors(q=q_new, z=z_new, scales=s_new, g_idx=t.g_idx, bits=t.bits).dequantize().to(torch.float64)
     err = merged - target
     rel = None
     if hessian is not None:
@@ -257,8 +306,9 @@ def _merge_layer(name: str, t: GPTQTensors, delta: torch.Tensor, strategy: str, 
         max_abs_weight_error=float(err.abs().max()),
         rel_output_error=rel,
         exact=bool(err.abs().max() <= tol),
+        scales_changed=int((s_new != t.scales).sum()),
     )
-    return q_new, z_new, report
+    return q_new, z_new, s_new, report
 
 
 def qalora_layers(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.nn.Module]:
@@ -276,6 +326,7 @@ def merge_qalora(
     calibration: Optional[Iterable[dict]] = None,
     adapter_name: str = "default",
     progress: bool = True,
+    hessians: Optional[dict[str, torch.Tensor]] = None,
 ):
     """Fold every QA-LoRA adapter into the integers of its GPTQ layer and drop the PEFT wrapper.
 
@@ -286,6 +337,8 @@ def merge_qalora(
         calibration: batches (dicts with ``input_ids`` and optional ``attention_mask`` tensors) from
             the training distribution, run once through the trained model to collect ``H = X^T X``
             per layer.  With ``"round"`` they only feed ``rel_output_error`` in the report.
+        hessians: precomputed :func:`collect_hessians` output (keys ``"<layer name>.base_layer"``), used
+            instead of ``calibration`` (e.g. to compare strategies on the same statistics).
 
     Returns:
         ``(merged_model, report)``: the plain transformers GPTQ model (no PEFT wrapper, no adapter
@@ -303,11 +356,11 @@ def merge_qalora(
     if not layers:
         raise TypeError("the model has no QA-LoRA layers on GPTQ layers (was it built with get_qalora_model?).")
     calibration = list(calibration) if calibration is not None else None
-    if strategy == "gptq" and not calibration:
+    if strategy in ("gptq", "scales") and not calibration and not hessians:
         raise ValueError("strategy='gptq' needs calibration batches (a few hundred training rows); pass calibration=... or use strategy='round'.")
 
-    hessians = {}
-    if calibration:
+    hessians = dict(hessians or {})
+    if calibration and not hessians:
         logger.info("merge: collecting input statistics of %d layers on %d calibration batches", len(layers), len(calibration))
         hessians = collect_hessians(model, [f"{n}.base_layer" for n in layers], calibration)
 
@@ -317,8 +370,8 @@ def merge_qalora(
         delta = group_delta(module, adapter_name)
         tensors = read_layer(base)
         h = hessians.get(f"{name}.base_layer")
-        q_new, z_new, layer_report = _merge_layer(name.removeprefix("base_model.model."), tensors, delta, strategy, h)
-        write_layer(base, q=q_new if layer_report.codes_changed else None, z=z_new)
+        q_new, z_new, s_new, layer_report = _merge_layer(name.removeprefix("base_model.model."), tensors, delta, strategy, h)
+        write_layer(base, q=q_new if layer_report.codes_changed else None, z=z_new, scales=s_new if s_new is not tensors.scales else None)
         report.layers.append(layer_report)
 
     merged = model.unload()

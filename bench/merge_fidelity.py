@@ -1,0 +1,203 @@
+"""Merge fidelity of every merge strategy on one trained QA-LoRA adapter (issue: benchmarks §4, merge issue).
+
+    python bench/merge_fidelity.py --base <GPTQ base dir> --adapter <adapter dir> [--requant]
+
+Rows: base GPTQ, trained (adapter unmerged), float-merged reference (dequantised W + dW in a float
+model), each merge strategy's export (merged in memory, written with export_gptq and reloaded), and
+with ``--requant`` the "QLoRA-style" baseline (float-merge, then a fresh gptqmodel GPTQ quantisation).
+Columns: held-out Alpaca loss, fraction of the fine-tuning gain kept, MMLU subset accuracy, codes /
+scales / zero-points changed, zero-points clamped, merge seconds.  Also the distribution of the shift
+t = D/s in quantisation steps.  Prints a markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")
+
+
+def float_reference(peft_model):
+    """A float ``LlamaForCausalLM``-style model with ``W = dequant(base) + dW`` in every adapted layer."""
+    from transformers import AutoModelForCausalLM
+
+    from qalora_hf.adapter import group_delta
+    from qalora_hf.gptq_format import read_layer
+    from qalora_hf.merge import qalora_layers
+    from qalora_hf.model import gptq_layers
+
+    base = peft_model.get_base_model()
+    cfg = copy.deepcopy(base.config)
+    del cfg.quantization_config
+    ref = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    sd = {k: v for k, v in base.state_dict().items() if not any(x in k for x in ("qweight", "qzeros", "scales", "g_idx", "wf_unsqueeze", "lora_"))}
+    sd = {k.replace(".base_layer", ""): v for k, v in sd.items()}
+    adapted = {n.removeprefix("base_model.model."): m for n, m in qalora_layers(peft_model).items()}
+    for name, layer in gptq_layers(base).items():
+        name = name.replace(".base_layer", "")
+        t = read_layer(layer)
+        w = t.dequantize()
+        if name in adapted:
+            w = w + group_delta(adapted[name])[t.g_idx].t()
+        sd[f"{name}.weight"] = w
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"float reference: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    ref.tie_weights()
+    return ref.eval()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--adapter", required=True)
+    ap.add_argument("--data", default=None, help="Alpaca JSON (default: the fetch cache)")
+    ap.add_argument("--holdout", type=int, default=99)
+    ap.add_argument("--calibration", type=int, default=128, help="training rows for H = X^T X")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--strategies", default="round,gptq,scales")
+    ap.add_argument("--mmlu-per-topic", type=int, default=0, help="0 = skip MMLU")
+    ap.add_argument("--requant", action="store_true", help="also run the QLoRA-style float-merge + fresh GPTQ baseline")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--out", default="bench/results/merge_fidelity.json")
+    args = ap.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from qalora_hf.evaluate import alpaca_prompt_completion, completion_loss, gain_kept, load_mmlu_subset, mmlu_accuracy
+    from qalora_hf.export import export_gptq
+    from qalora_hf.fetch import default_cache_dir
+    from qalora_hf.merge import collect_hessians, merge_qalora, qalora_layers
+    from qalora_hf.model import load_qalora_adapter
+    from qalora_hf.quantize import load_gptq_model
+
+    data = args.data or str(default_cache_dir() / "data" / "alpaca_en_demo.json")
+    rows = json.loads(Path(data).read_text())
+    holdout = [alpaca_prompt_completion(r) for r in rows[-args.holdout :]]
+    cal_rows = [alpaca_prompt_completion(r) for r in rows[: args.calibration]]
+    tok = AutoTokenizer.from_pretrained(args.base)
+    mmlu = load_mmlu_subset(default_cache_dir() / "data" / "mmlu.jsonl", per_topic=args.mmlu_per_topic) if args.mmlu_per_topic else []
+
+    def evaluate(model):
+        out = {"heldout_loss": completion_loss(model, tok, holdout, max_length=args.max_length)}
+        if mmlu:
+            out["mmlu_acc"] = mmlu_accuracy(model, tok, mmlu)
+        return out
+
+    def calibration_batches():
+        for i in range(0, len(cal_rows), 8):
+            texts = [p + c for p, c in cal_rows[i : i + 8]]
+            enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=args.max_length)
+            yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    peft_model = load_qalora_adapter(load_gptq_model(args.base), args.adapter).eval()
+    results = {}
+    t = time.time()
+    with peft_model.disable_adapter():
+        results["base GPTQ"] = evaluate(peft_model)
+    results["trained (adapter, unmerged)"] = evaluate(peft_model)
+    print(f"base / trained evaluated ({time.time() - t:.0f}s): {results}", flush=True)
+    ref = float_reference(peft_model)
+    results["float-merged reference"] = evaluate(ref)
+    t = time.time()
+    layers = qalora_layers(peft_model)
+    hessians = collect_hessians(peft_model, [f"{n}.base_layer" for n in layers], calibration_batches())
+    print(f"H collected on {len(cal_rows)} rows in {time.time() - t:.0f}s", flush=True)
+
+    shift_stats = None
+    for strategy in [s for s in args.strategies.split(",") if s]:
+        model = copy.deepcopy(peft_model)
+        t = time.time()
+        merged, report = merge_qalora(model, strategy=strategy, hessians=hessians, progress=False)
+        seconds = time.time() - t
+        with tempfile.TemporaryDirectory() as tmp:  # evaluate what lands on disk, reloaded
+            export_gptq(merged, Path(tmp) / "m", tokenizer=tok)
+            reloaded = load_gptq_model(str(Path(tmp) / "m")).eval()
+            r = evaluate(reloaded)
+        tot = report.totals
+        r.update({k: tot[k] for k in ("codes_changed", "scales_changed", "zeros_changed", "zeros_clamped", "rel_output_error_mean")})
+        r["merge_seconds"] = seconds
+        results[f"export: {strategy}"] = r
+        if shift_stats is None:
+            shift_stats = _shift_distribution(peft_model)
+        print(f"{strategy}: {r}", flush=True)
+        del model, merged, reloaded
+
+    if args.requant:
+        results["QLoRA-style: float-merge + fresh GPTQ"] = _requant_baseline(ref, tok, cal_rows, args, evaluate)
+
+    lb = results["base GPTQ"]["heldout_loss"]
+    lt = results["trained (adapter, unmerged)"]["heldout_loss"]
+    for r in results.values():
+        r["gain_kept"] = gain_kept(lb, lt, r["heldout_loss"])
+    _print_table(results, shift_stats, args, len(holdout), len(mmlu))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"date": datetime.date.today().isoformat(), "label": args.label, "args": vars(args), "shift": shift_stats, "results": results}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _shift_distribution(peft_model) -> dict:
+    from qalora_hf.adapter import group_delta
+    from qalora_hf.merge import qalora_layers
+
+    ts = []
+    for m in qalora_layers(peft_model).values():
+        ts.append((group_delta(m) / m.get_base_layer().scales.float()).abs().flatten())
+    t = torch.cat(ts).double()
+    q = torch.quantile(t[torch.randperm(t.numel())[:1_000_000]], torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
+    return {"median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "frac_above_0.5": float((t > 0.5).double().mean()), "n": t.numel()}
+
+
+def _requant_baseline(ref, tok, cal_rows, args, evaluate) -> dict:
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    from qalora_hf.quantize import load_gptq_model
+
+    qc = json.loads((Path(args.base) / "config.json").read_text())["quantization_config"]
+    t = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(Path(tmp) / "float")
+        tok.save_pretrained(Path(tmp) / "float")
+        gptq = GPTQConfig(bits=qc["bits"], group_size=qc["group_size"], desc_act=qc.get("desc_act", False), sym=qc.get("sym", False),
+                          dataset=[p + c for p, c in cal_rows], tokenizer=tok, backend="torch")
+        model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "float", quantization_config=gptq, dtype=torch.float32).eval()
+        r = evaluate(model)
+    r["merge_seconds"] = time.time() - t
+    return r
+
+
+def _print_table(results, shift, args, n_holdout, n_mmlu):
+    head = f"| model | held-out loss ({n_holdout}) | gain kept |" + (f" MMLU ({n_mmlu}) |" if n_mmlu else "") + " codes changed | scales changed | zeros changed / clamped | rel. output error | merge s |"
+    print("\n" + head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for name, r in results.items():
+        kept = "" if r.get("gain_kept") is None else f"{100 * r['gain_kept']:.1f}%"
+        cells = [name, f"{r['heldout_loss']:.4f}", kept]
+        if n_mmlu:
+            cells.append(f"{100 * r['mmlu_acc']:.1f}%")
+        cells += [
+            str(r.get("codes_changed", "")), str(r.get("scales_changed", "")),
+            f"{r['zeros_changed']} / {r['zeros_clamped']}" if "zeros_changed" in r else "",
+            f"{r['rel_output_error_mean']:.3f}" if r.get("rel_output_error_mean") is not None else "",
+            f"{r['merge_seconds']:.0f}" if "merge_seconds" in r else "",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    if shift:
+        print(f"\nshift |t| = |D/s| in quantisation steps: median {shift['median']:.4f}, p90 {shift['p90']:.4f}, p99 {shift['p99']:.4f}, "
+              f"fraction > 0.5: {shift['frac_above_0.5']:.2e} ({shift['n']:,} zero-points)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
