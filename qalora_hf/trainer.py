@@ -123,6 +123,8 @@ class QALoraTrainer(SFTTrainer):
         if merge_strategy not in STRATEGIES:
             raise ValueError(f"merge_strategy='{merge_strategy}' is unknown; choose one of {STRATEGIES}.")
         args = args or SFTConfig(output_dir="qalora-output")
+        if args.push_to_hub and not args.hub_model_id:  # before any quantisation or training
+            raise ValueError("push_to_hub=True needs hub_model_id='namespace/name'.")
         qalora_config = qalora_config or QALoraConfig()
         _check_dataset("train_dataset", train_dataset, formatting_func)
         _check_dataset("eval_dataset", eval_dataset, formatting_func)
@@ -147,8 +149,14 @@ class QALoraTrainer(SFTTrainer):
                         f"{quantize_config.group_size}; the adapter pools whole GPTQ groups. Make them equal or leave group_size unset."
                     )
                 texts = [row_to_text(r, processing_class) for r in train_dataset.select(range(min(len(train_dataset), quantize_config.num_calibration_rows)))]
-                base_path, float_model = str(quantize_model(model_id, quantize_config, texts, processing_class)), model_id
-            model = load_gptq_model(base_path, dtype=self._load_dtype(args), device_map=self._device_map())
+                # Under DDP every rank gets here with the same inputs: the main process quantises into the
+                # cache first, the other ranks then find it there (else they all quantise into one cache dir,
+                # and transformers' save_pretrained writes nothing on ranks other than 0).
+                from accelerate import PartialState
+
+                with PartialState().main_process_first():
+                    base_path, float_model = str(quantize_model(model_id, quantize_config, texts, processing_class)), model_id
+            model = load_gptq_model(base_path, dtype=self._load_dtype(args), device_map=self._device_map(args))
         else:
             if processing_class is None:
                 raise ValueError("pass processing_class (the tokenizer) together with an already loaded model.")
@@ -172,8 +180,6 @@ class QALoraTrainer(SFTTrainer):
         # Intermediate checkpoints are never pushed: only the merged export lands on the Hub.
         self.qalora_push = None
         if args.push_to_hub:
-            if not args.hub_model_id:
-                raise ValueError("push_to_hub=True needs hub_model_id='namespace/name'.")
             self.qalora_push = {"repo_id": args.hub_model_id, "private": bool(args.hub_private_repo), "token": args.hub_token}
             args.push_to_hub = False
 
@@ -199,13 +205,13 @@ class QALoraTrainer(SFTTrainer):
 
     @staticmethod
     def _load_dtype(args) -> torch.dtype:
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not args.use_cpu:
             return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         return torch.float32  # CPU: fp32 weights; bf16=True still autocasts the compute
 
     @staticmethod
-    def _device_map():
-        if torch.cuda.is_available():
+    def _device_map(args):
+        if torch.cuda.is_available() and not args.use_cpu:  # use_cpu: stay on the CPU the Trainer trains on
             from accelerate import PartialState
 
             return {"": PartialState().local_process_index}

@@ -148,6 +148,12 @@ def main(script_args: ScriptArguments, training_args: SFTConfig):
 
 
 if __name__ == "__main__":
+    import torch
+
+    # Several ranks (torchrun / accelerate's multi-process launcher) without a CUDA device: DDP over gloo on CPU.
+    # Without this each rank would build its own single-process state and train and export on its own.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     parser = TrlParser((ScriptArguments, SFTConfig))
     script_args, training_args = parser.parse_args_and_config()
     main(script_args, training_args)
