@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True, help="QA-LoRA adapter directory (adapter_config.json with use_qalora); "
                    "trainer_state.json / training_args.json there feed the loss plot and the card")
     m.add_argument("--output-dir", required=True, help="where to write the merged checkpoint (written atomically)")
-    m.add_argument("--strategy", choices=("gptq", "round"), default="gptq",
+    m.add_argument("--strategy", choices=("gptq", "scales", "round"), default="gptq",
                    help="gptq: zero-points + re-chosen codes on calibration data (default); round: zero-points only")
     m.add_argument("--calibration-file", help="JSON/JSONL rows of the training data: {'text'}, {'messages'} or Alpaca rows")
     m.add_argument("--num-calibration", type=int, default=128, help="calibration rows used for the merge (default 128)")

@@ -135,11 +135,11 @@ def collect_hessians(model: torch.nn.Module, layer_names: list[str], batches: It
             x = args[0]
             key = id(x)
             if key not in shared or shared[key][0] is not x:  # the reference kept in `shared` pins the id
-                x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+                x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
                 mask = mask_holder["mask"]
                 if mask is not None and mask.numel() == x2.shape[0]:
                     x2 = x2[mask.reshape(-1).bool()]
-                shared[key] = (x, x2.t() @ x2)
+                shared[key] = (x, (x2.t() @ x2).to(torch.float64))  # fp32 product per batch, fp64 sum
             h = shared[key][1]
             hessians[name] = hessians[name] + h if name in hessians else h.clone()
 
@@ -286,9 +286,11 @@ def _merge_layer(name: str, t: GPTQTensors, delta: torch.Tensor, strategy: str, 
     err = merged - target
     rel = None
     if hessian is not None:
-        dw = delta[t.g_idx].t().to(torch.float64)
-        denom = float(torch.einsum("ok,kj,oj->", dw, hessian, dw))
-        num = float(torch.einsum("ok,kj,oj->", err, hessian, err))
+        h32 = hessian.to(torch.float32)
+        dw = delta[t.g_idx].t().to(torch.float32)
+        e32 = err.to(torch.float32)
+        denom = float(((dw @ h32) * dw).sum(dtype=torch.float64))
+        num = float(((e32 @ h32) * e32).sum(dtype=torch.float64))
         rel = num / denom if denom > 0 else (0.0 if num == 0 else math.inf)
     abs_shift = shift.abs().flatten().to(torch.float64)
     frac = (shift - torch.round(shift)).abs()

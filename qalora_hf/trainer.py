@@ -187,6 +187,7 @@ class QALoraTrainer(SFTTrainer):
         self.quantize_config = quantize_config
         self.base_model_id = base_path
         self.float_model_id = float_model
+        self.license = _source_license(float_model or base_path)
         self.merge_strategy = merge_strategy
         self.num_calibration_rows = num_calibration_rows
         self.num_holdout_rows = num_holdout_rows
@@ -299,6 +300,7 @@ class QALoraTrainer(SFTTrainer):
                 repo_id=repo_id,
                 base_model=self.base_model_id,
                 float_model=self.float_model_id,
+                license=self.license,
                 datasets=getattr(self, "qalora_datasets", ()),
                 qalora_config=self.qalora_config.to_dict(),
                 training_args=_training_args_summary(self.args),
@@ -320,6 +322,21 @@ class QALoraTrainer(SFTTrainer):
             commit = push_gptq_to_hub(out, self.qalora_push["repo_id"], private=self.qalora_push["private"], token=self.qalora_push["token"])
             logger.info("pushed %s to %s (commit %s)", out, self.qalora_push["repo_id"], commit)
         return out
+
+
+def _source_license(model_path) -> Optional[str]:
+    """Licence recorded by ``qalora_hf.fetch`` (``qalora_source.json``) or in a local model's README front matter."""
+    if not model_path or not Path(model_path).is_dir():
+        return None
+    src = Path(model_path) / "qalora_source.json"
+    if src.is_file():
+        return json.loads(src.read_text()).get("license")
+    readme = Path(model_path) / "README.md"
+    if readme.is_file():
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(readme).data.license
+    return None
 
 
 def _training_args_summary(args) -> dict:

@@ -43,6 +43,9 @@ class ScriptArguments:
     lora_dropout: float = field(default=0.0, metadata={"help": "QA-LoRA dropout."})
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "Modules to adapt."})
     merge_strategy: str = field(default="gptq", metadata={"help": "Merge strategy: gptq (Hessian-aware, default) or round."})
+    float_model_hub_id: Optional[str] = field(
+        default=None, metadata={"help": "Hub id of the float model (model card metadata) when model_name_or_path is a local copy."}
+    )
     export_dir: Optional[str] = field(default=None, metadata={"help": "Merged checkpoint dir (default <output_dir>/export)."})
 
 
@@ -122,6 +125,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig):
         export_dir=script_args.export_dir,
     )
     trainer.qalora_datasets = ["tatsu-lab/alpaca"]
+    if script_args.float_model_hub_id:
+        trainer.float_model_id = script_args.float_model_hub_id
 
     # ---- train (resume automatically from the last checkpoint)
     from transformers.trainer_utils import get_last_checkpoint
