@@ -9,7 +9,7 @@ fraction of a step, so rounding ``z - t`` drops most of the update.  Strategies:
     ``z' = clamp(round(z - t))``; codes unchanged.  Exact when every ``t`` is an integer and no
     zero-point is clamped.  Kept as the reference baseline.
 
-``"gptq"`` (default)
+``"gptq"``
     Integer part of the shift into the zero-points as in ``round``, then the fractional remainder
     carried by re-choosing the integer codes on the fixed grid ``(s, z')`` with GPTQ's column-by-column
     error feedback (Frantar et al. 2022, "GPTQ", Algorithm 1), minimising
@@ -17,7 +17,7 @@ fraction of a step, so rounding ``z - t`` drops most of the update.  Strategies:
     each layer (the trained model's activations).  Columns are processed in descending ``diag(H)``
     order (GPTQ's act-order heuristic).  Needs ``calibration``.
 
-``"scales"``
+``"scales"`` (default)
     As ``"gptq"``, preceded by a calibration-weighted least-squares refit of the fp16 group scales
     (codes and zero-points fixed; see :func:`_refit_scales`), so the continuous scales carry what they
     can of the update and the code flips carry the rest (including the fp16 rounding of the scales).
@@ -324,7 +324,7 @@ def qalora_layers(model: PeftModel, adapter_name: str = "default") -> dict[str, 
 
 def merge_qalora(
     model: PeftModel,
-    strategy: str = "gptq",
+    strategy: str = "scales",
     calibration: Optional[Iterable[dict]] = None,
     adapter_name: str = "default",
     progress: bool = True,
@@ -335,7 +335,7 @@ def merge_qalora(
     Args:
         model: a ``PeftModel`` from :func:`qalora_hf.get_qalora_model` or
             :func:`qalora_hf.load_qalora_adapter` (stock PEFT ``use_qalora`` adapters included).
-        strategy: ``"gptq"`` (default; needs ``calibration``) or ``"round"``; see the module docstring.
+        strategy: ``"scales"`` (default), ``"gptq"`` (both need ``calibration``) or ``"round"``; see the module docstring.
         calibration: batches (dicts with ``input_ids`` and optional ``attention_mask`` tensors) from
             the training distribution, run once through the trained model to collect ``H = X^T X``
             per layer.  With ``"round"`` they only feed ``rel_output_error`` in the report.
@@ -348,7 +348,7 @@ def merge_qalora(
 
     Raises:
         TypeError: ``model`` is not a ``PeftModel`` with QA-LoRA layers.
-        ValueError: unknown strategy, or ``"gptq"`` without calibration.
+        ValueError: unknown strategy, or ``"scales"``/``"gptq"`` without calibration.
     """
     if not isinstance(model, PeftModel):
         raise TypeError(f"merge_qalora expects a peft.PeftModel with QA-LoRA adapters, got {type(model).__name__}.")

@@ -329,6 +329,39 @@ def test_merge_leaves_unadapted_layers_bit_identical(load_tiny_gptq, calibration
     assert _qc_get(merged.config.quantization_config, "sym") is False
 
 
+
+@pytest.mark.parametrize("cfg", [(4, False, False), (3, True, True), (8, False, False)], ids=config_id)
+def test_merge_scales_strategy(cfg, load_tiny_gptq, calibration_batches):
+    """'scales' refits the fp16 group scales by H-weighted least squares, then re-chooses codes: it must beat
+    'round' on the calibration activations, keep every integer in range, and touch only adapted layers."""
+    bits, desc_act, sym = cfg
+    errs = {}
+    for strategy in ("round", "scales"):
+        model = fp32_scales(load_tiny_gptq(bits, desc_act, sym))
+        untouched = {n: (l.qweight.clone(), l.qzeros.clone(), l.scales.clone()) for n, l in gptq_layers(model).items()
+                     if not n.endswith(("q_proj", "down_proj"))}
+        pm = get_qalora_model(model, QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "down_proj"]))
+        randomize_adapters(pm, seed=7 + bits, shift_std=0.3)
+        layers = _adapted(pm)
+        target = {n: base_weight(m.get_base_layer()) + reference_delta(m) for n, m in layers.items()}
+        xs = capture_inputs(pm, [f"base_model.model.{n}.base_layer" for n in layers], calibration_batches)
+        merged, report = merge_qalora(pm, strategy=strategy, calibration=calibration_batches, progress=False)
+        after = gptq_layers(merged)
+        errs[strategy] = {}
+        for n in layers:
+            t = read_layer(after[n])
+            assert 0 <= int(t.q.min()) and int(t.q.max()) <= t.maxq
+            assert 0 <= int(t.z.min()) and int(t.z.max()) <= t.maxq
+            assert bool((t.scales > 0).all())
+            x = xs[f"base_model.model.{n}.base_layer"]
+            errs[strategy][n] = float(((x @ (base_weight(after[n]) - target[n]).t()) ** 2).sum())
+        for n, (qw, qz, sc) in untouched.items():
+            assert torch.equal(after[n].qweight, qw) and torch.equal(after[n].qzeros, qz) and torch.equal(after[n].scales, sc), n
+        if strategy == "scales":
+            assert report.totals["scales_changed"] > 0
+    for n in errs["round"]:
+        assert errs["scales"][n] < errs["round"][n], n
+
 # --------------------------------------------------------------------------------------------------
 # 3. export -> fresh-process stock reload
 
