@@ -96,3 +96,39 @@ def sample_input_ids(tiny_tok) -> torch.Tensor:
     ids = [tiny_tok(t)["input_ids"] for t in TINY_TEXTS[40:42]]
     n = min(len(x) for x in ids)
     return torch.tensor([x[:n] for x in ids])
+
+
+# --------------------------------------------------------------------------------------------------
+# The real huggingface_hub client pointed at a local Hub-protocol server (tests/test_hub.py, test_export_hub.py)
+
+HUB_TOKEN = "hf_localTestTokenNotSecret"
+
+
+def _point_client_at(mp: pytest.MonkeyPatch, url: str, hf_home: Path) -> None:
+    """Env for new processes + the import-time copies huggingface_hub already made of it."""
+    from huggingface_hub import constants
+
+    for key, value in {"HF_ENDPOINT": url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(hf_home),
+                       "HF_HUB_CACHE": str(hf_home / "hub"), "HF_TOKEN": HUB_TOKEN}.items():
+        mp.setenv(key, value)
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_OIDC_RESOURCE", "HUGGING_FACE_HUB_TOKEN"):
+        mp.delenv(key, raising=False)
+    mp.setattr(constants, "ENDPOINT", url)
+    mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    mp.setattr(constants, "HF_HUB_OFFLINE", False)
+    old_home = constants.HF_HOME  # token file, caches, agent registry, ... all live under HF_HOME
+    for name, value in list(vars(constants).items()):
+        if name.isupper() and isinstance(value, str) and value.startswith(old_home):
+            mp.setattr(constants, name, str(hf_home) + value[len(old_home):])
+    mp.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A fresh local Hub-protocol server with the real client pointed at it."""
+    from qalora_hf.testing.hub_server import HubServer
+
+    with HubServer(tmp_path / "hub-storage") as server:
+        _point_client_at(monkeypatch, server.url, tmp_path / "hf_home")
+        yield server

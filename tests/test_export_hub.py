@@ -29,7 +29,7 @@ from qalora_hf.testing.tiny import TINY_TEXTS, load_gptq, quantize_tiny, save_ti
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "local-user/tiny-qalora-gptq"
 BASE_REPO = "local-user/tiny-gptq"
-TOKEN = "hf_localTestTokenNotSecret"
+from conftest import HUB_TOKEN as TOKEN  # noqa: E402
 
 # huggingface_hub's LFS PUT passes a file object as `data=`; httpx2 warns about it (client-side, not ours).
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -37,31 +37,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationW
 
 # --------------------------------------------------------------------------------------------------
 # Local Hub (same patching as tests/test_hub.py)
-
-
-def _point_client_at(mp: pytest.MonkeyPatch, url: str, hf_home: Path) -> None:
-    """Env for new processes + the import-time copies huggingface_hub already made of it."""
-    for key, value in {"HF_ENDPOINT": url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(hf_home),
-                       "HF_HUB_CACHE": str(hf_home / "hub"), "HF_TOKEN": TOKEN}.items():
-        mp.setenv(key, value)
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_OIDC_RESOURCE", "HUGGING_FACE_HUB_TOKEN"):
-        mp.delenv(key, raising=False)
-    mp.setattr(constants, "ENDPOINT", url)
-    mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-    mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    mp.setattr(constants, "HF_HUB_OFFLINE", False)
-    old_home = constants.HF_HOME
-    for name, value in list(vars(constants).items()):
-        if name.isupper() and isinstance(value, str) and value.startswith(old_home):
-            mp.setattr(constants, name, str(hf_home) + value[len(old_home):])
-    mp.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    with HubServer(tmp_path / "hub-storage") as server:
-        _point_client_at(monkeypatch, server.url, tmp_path / "hf_home")
-        yield server
 
 
 def _fresh_env(url: str, hf_home: Path) -> dict:

@@ -22,37 +22,12 @@ from qalora_hf.hub import HubPushError, push_gptq_to_hub, redact_tokens
 from qalora_hf.testing.hub_server import HubServer, git_blob_sha1
 
 REPO = "local-user/tiny-qalora-gptq"
-TOKEN = "hf_localTestTokenNotSecret"
+from conftest import HUB_TOKEN as TOKEN, _point_client_at  # noqa: E402
 FILES = ("config.json", "model.safetensors", "adapter/adapter_config.json")
 ROOT = Path(__file__).resolve().parents[1]
 
 # huggingface_hub's LFS PUT passes a file object as `data=`; httpx2 warns about it (client-side, not ours).
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-
-
-def _point_client_at(monkeypatch, url: str, hf_home: Path) -> None:
-    """Env for new processes + the import-time copies huggingface_hub already made of it."""
-    for key, value in {"HF_ENDPOINT": url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(hf_home),
-                       "HF_HUB_CACHE": str(hf_home / "hub"), "HF_TOKEN": TOKEN}.items():
-        monkeypatch.setenv(key, value)
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_OIDC_RESOURCE", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    old_home = constants.HF_HOME  # token file, caches, agent registry, ... all live under HF_HOME
-    for name, value in list(vars(constants).items()):
-        if name.isupper() and isinstance(value, str) and value.startswith(old_home):
-            monkeypatch.setattr(constants, name, str(hf_home) + value[len(old_home):])
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    with HubServer(tmp_path / "hub-storage") as server:
-        _point_client_at(monkeypatch, server.url, tmp_path / "hf_home")
-        yield server
 
 
 def make_model(folder: Path, version: int = 1) -> Path:
