@@ -22,6 +22,9 @@ import torch
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+# gptqmodel's torch kernels torch.compile their dequantisation per layer instance; for three models of
+# 210 layers each that is minutes of compilation and dynamo's recompile limit.  Eager gives the same numbers.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 INSTRUCTION = "Give three tips for staying healthy."
 
