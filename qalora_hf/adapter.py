@@ -116,8 +116,15 @@ class QALoraGPTQVariant(LoraVariant):
         lora_A = module.lora_A[active_adapter]
         lora_B = module.lora_B[active_adapter]
         dropout = module.lora_dropout[active_adapter]
-        pooled = pool(dropout(x), module.qalora_group_size[active_adapter], module.qalora_perm)
-        return result + lora_B(lora_A(pooled)) * module.scaling[active_adapter]
+        g = module.qalora_group_size[active_adapter]
+        x = dropout(x)
+        if module.qalora_perm is not None:
+            x = x.index_select(-1, module.qalora_perm)
+        groups = x.shape[-1] // g
+        summed = x.reshape(*x.shape[:-1], groups, g).sum(dim=-1)
+        # P(x) = (K/g) * group mean = (G/g) * group sum; the constant rides on the final scaled add,
+        # so no full-size multiply is spent on it (one fused add on the [..., N] output).
+        return torch.add(result, lora_B(lora_A(summed)), alpha=module.scaling[active_adapter] * groups / g)
 
     @staticmethod
     def _no_float_merge(*args, **kwargs):
