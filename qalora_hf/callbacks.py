@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -22,7 +24,10 @@ class QALoraMergeCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            out = self.trainer.merge_and_export()
+            # gptqmodel's torch kernel compiles its dequantisation per layer instance; the eval-mode passes
+            # of the merge would recompile all of them (and hit dynamo's recompile limit): run them eagerly.
+            with torch.compiler.set_stance("force_eager"):
+                out = self.trainer.merge_and_export()
             logger.info("QA-LoRA merged model exported to %s", out)
         self.trainer.accelerator.wait_for_everyone()
         return control
