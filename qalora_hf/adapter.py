@@ -69,15 +69,6 @@ def pooling_permutation(g_idx: torch.Tensor, group_size: int, layer_name: str = 
     return torch.argsort(g_idx, stable=True)
 
 
-def pool(x: torch.Tensor, group_size: int, perm: Optional[torch.Tensor]) -> torch.Tensor:
-    """``P(x)`` of the module docstring: [..., K] -> [..., K/g], ``c = K/g`` times the group mean."""
-    if perm is not None:
-        x = x.index_select(-1, perm)
-    k = x.shape[-1]
-    groups = k // group_size
-    return x.reshape(*x.shape[:-1], groups, group_size).mean(dim=-1) * groups
-
-
 class QALoraGPTQVariant(LoraVariant):
     """PEFT LoRA variant for QA-LoRA on GPTQ layers, pooling by ``g_idx`` (module docstring).
 

@@ -19,6 +19,8 @@ from typing import Any, Iterable, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .evaluate import gain_kept  # fraction of the fine-tuning gain an export keeps (also used by the CLI)
+
 TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "qalora_gptq.md"
 
 FRAMEWORKS = ("torch", "transformers", "peft", "trl", "optimum", "gptqmodel", "huggingface_hub")
@@ -177,18 +179,6 @@ def _flatten_merge_metrics(merge_metrics: dict) -> dict:
     if "gain_kept" not in flat and all(isinstance(flat.get(k), (int, float)) for k in ("loss_base", "loss_trained", "loss_exported")):
         flat["gain_kept"] = gain_kept(flat["loss_base"], flat["loss_trained"], flat["loss_exported"])
     return flat
-
-
-def gain_kept(loss_base: float, loss_trained: float, loss_exported: float) -> Optional[float]:
-    """Fraction of the fine-tuning loss reduction that the exported model keeps, or None if training gained nothing.
-
-    ``(loss_base - loss_exported) / (loss_base - loss_trained)``: 1 = the export is as good as the trained
-    adapter, 0 = as bad as the untrained base, negative = worse than the base.
-    """
-    gain = loss_base - loss_trained
-    if not gain > 0:
-        return None
-    return (loss_base - loss_exported) / gain
 
 
 def _merge_rows_and_note(merge_metrics: Optional[dict], bits: int) -> tuple[list[tuple[str, str]], str]:

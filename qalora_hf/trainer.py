@@ -243,6 +243,7 @@ class QALoraTrainer(SFTTrainer):
     def merge_and_export(self) -> Path:
         """Merge the adapters into the GPTQ integers, measure, export (and push). Returns the export dir."""
         from .card import build_model_card, plot_training_loss
+        from .evaluate import gain_kept
         from .export import export_gptq
         from .hub import push_gptq_to_hub
         from .merge import merge_qalora
@@ -270,6 +271,7 @@ class QALoraTrainer(SFTTrainer):
         loss_export, logits_export = self._eval_holdout(merged, holdout)
         max_diff = max(float((a - b).abs().max()) for a, b in zip(logits_trained, logits_export)) if holdout else float("nan")
         gain = loss_base - loss_trained
+        kept = gain_kept(loss_base, loss_trained, loss_export)
         metrics = {
             "strategy": self.merge_strategy,
             "holdout_rows": len(hold_idx),
@@ -277,7 +279,7 @@ class QALoraTrainer(SFTTrainer):
             "loss_base": loss_base,
             "loss_trained": loss_trained,
             "loss_export": loss_export,
-            "gain_kept": (loss_base - loss_export) / gain if gain > 0 else float("nan"),
+            "gain_kept": kept if kept is not None else float("nan"),
             "max_logit_diff": max_diff,
             **{k: v for k, v in report.totals.items() if k != "strategy"},
         }
