@@ -66,7 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--holdout", type=int, default=99)
     ap.add_argument("--calibration", type=int, default=128, help="training rows for H = X^T X")
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--strategies", default="round,gptq,scales")
+    ap.add_argument("--strategies", default="round,gptq,scales,distill")
+    ap.add_argument("--distill-steps", type=int, default=32)
+    ap.add_argument("--distill-lr", type=float, default=1e-3)
     ap.add_argument("--mmlu-per-topic", type=int, default=0, help="0 = skip MMLU")
     ap.add_argument("--requant", action="store_true", help="also run the QLoRA-style float-merge + fresh GPTQ baseline")
     ap.add_argument("--label", default="")
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
     from qalora_hf.merge import collect_hessians, merge_qalora, qalora_layers
     from qalora_hf.model import load_qalora_adapter
     from qalora_hf.quantize import load_gptq_model
+    from qalora_hf.recovery import teacher_topk
 
     data = args.data or str(default_cache_dir() / "data" / "alpaca_en_demo.json")
     rows = json.loads(Path(data).read_text())
@@ -112,14 +115,17 @@ def main(argv=None) -> int:
     results["float-merged reference"] = evaluate(ref)
     t = time.time()
     layers = qalora_layers(peft_model)
-    hessians = collect_hessians(peft_model, [f"{n}.base_layer" for n in layers], calibration_batches())
-    print(f"H collected on {len(cal_rows)} rows in {time.time() - t:.0f}s", flush=True)
+    targets = []  # the trained model's top-k next-token log-probabilities, for "distill"
+    hessians = collect_hessians(peft_model, [f"{n}.base_layer" for n in layers], calibration_batches(),
+                                on_output=lambda b, logits: targets.append(teacher_topk(b, logits)))
+    print(f"H and teacher targets collected on {len(cal_rows)} rows in {time.time() - t:.0f}s", flush=True)
 
     shift_stats = None
     for strategy in [s for s in args.strategies.split(",") if s]:
         model = copy.deepcopy(peft_model)
         t = time.time()
-        merged, report = merge_qalora(model, strategy=strategy, hessians=hessians, progress=False)
+        merged, report = merge_qalora(model, strategy=strategy, hessians=hessians, teacher_targets=targets, progress=False,
+                                      distill_steps=args.distill_steps, distill_lr=args.distill_lr)
         seconds = time.time() - t
         with tempfile.TemporaryDirectory() as tmp:  # evaluate what lands on disk, reloaded
             export_gptq(merged, Path(tmp) / "m", tokenizer=tok)
@@ -127,6 +133,8 @@ def main(argv=None) -> int:
             r = evaluate(reloaded)
         tot = report.totals
         r.update({k: tot[k] for k in ("codes_changed", "scales_changed", "zeros_changed", "zeros_clamped", "rel_output_error_mean")})
+        if report.distill:
+            r["distill"] = report.distill
         r["merge_seconds"] = seconds
         results[f"export: {strategy}"] = r
         if shift_stats is None:

@@ -258,7 +258,8 @@ def collect_framework_versions(packages: Iterable[str] = FRAMEWORKS) -> dict[str
 def _limitations(bits: int, names: str, datasets: list[str], license: Optional[str]) -> list[str]:
     items = [
         "GPTQ zero-points are integers, so the merge is not exact: the adapter's group-constant update is folded into "
-        "integer zero-points (and, with the `gptq` strategy, re-chosen integer codes). See the merge-fidelity table; "
+        "integer zero-points, re-chosen integer codes and refitted fp16 scales (depending on the merge strategy). See the "
+        "merge-fidelity table; "
         "the unmerged adapter in `adapter/` reproduces the trained model exactly.",
         f"The weights stay INT{bits}: quality is bounded by the GPTQ base model.",
     ]

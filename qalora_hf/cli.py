@@ -2,7 +2,7 @@
 
 ::
 
-    qalora-hf merge --base BASE --adapter ADAPTER_DIR --output-dir OUT [--strategy scales|gptq|round]
+    qalora-hf merge --base BASE --adapter ADAPTER_DIR --output-dir OUT [--strategy distill|scales|gptq|round]
                     [--calibration-file rows.json[l]] [--push-to-hub user/name] ...
     qalora-hf push OUT user/name [--private] [--revision R] [--commit-message M]
 
@@ -181,7 +181,7 @@ def cmd_merge(args) -> int:
     base_config = _check_base(args.base)
     adapter_config = _check_adapter(args.adapter)
     _check_output_dir(args.output_dir, args.overwrite)
-    if args.strategy in ("gptq", "scales") and not args.calibration_file:
+    if args.strategy != "round" and not args.calibration_file:
         raise UsageError(f"--strategy {args.strategy} needs --calibration-file (rows of the training data, JSON or JSONL); "
                          "or pass --strategy round (zero-points only, no calibration)")
     rows = read_rows(args.calibration_file) if args.calibration_file else []
@@ -334,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True, help="QA-LoRA adapter directory (adapter_config.json with use_qalora); "
                    "trainer_state.json / training_args.json there feed the loss plot and the card")
     m.add_argument("--output-dir", required=True, help="where to write the merged checkpoint (written atomically)")
-    m.add_argument("--strategy", choices=("scales", "gptq", "round"), default="scales",
-                   help="scales (default): scale refit + re-chosen codes on calibration data; gptq: codes only; round: zero-points only")
+    m.add_argument("--strategy", choices=("distill", "scales", "gptq", "round"), default="distill",
+                   help="distill (default): scales, then scale-only distillation towards the trained model; scales: scale refit + "
+                        "re-chosen codes on calibration data; gptq: codes only; round: zero-points only")
     m.add_argument("--calibration-file", help="JSON/JSONL rows of the training data: {'text'}, {'messages'} or Alpaca rows")
     m.add_argument("--num-calibration", type=int, default=128, help="calibration rows used for the merge (default 128)")
     m.add_argument("--num-eval", type=int, default=8,

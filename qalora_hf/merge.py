@@ -17,10 +17,17 @@ fraction of a step, so rounding ``z - t`` drops most of the update.  Strategies:
     each layer (the trained model's activations).  Columns are processed in descending ``diag(H)``
     order (GPTQ's act-order heuristic).  Needs ``calibration``.
 
-``"scales"`` (default)
+``"scales"``
     As ``"gptq"``, preceded by a calibration-weighted least-squares refit of the fp16 group scales
     (codes and zero-points fixed; see :func:`_refit_scales`), so the continuous scales carry what they
     can of the update and the code flips carry the rest (including the fp16 rounding of the scales).
+
+``"distill"`` (default)
+    ``"scales"``, then a short scale-only distillation of the whole merged model towards the trained
+    model's next-token distribution on the calibration rows (codes and zero-points frozen; PEQA-style
+    scale tuning, Kim et al. 2023; :func:`qalora_hf.recovery.distill_scales`).  The layer-wise steps
+    above minimise each layer's own output error; this one removes the error that accumulates across
+    layers.  The per-layer report is computed after it.
 
 Every strategy keeps codes and zero-points in ``[0, 2**bits - 1]`` and leaves layers without an
 adapter bit-identical.
@@ -31,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from peft import PeftModel
@@ -42,7 +49,7 @@ from .gptq_format import GPTQTensors, read_layer, write_layer
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("round", "gptq", "scales")
+STRATEGIES = ("round", "gptq", "scales", "distill")
 
 
 @dataclass
@@ -84,6 +91,7 @@ class MergeReport:
 
     strategy: str
     layers: list[LayerMergeReport] = field(default_factory=list)
+    distill: Optional[dict] = None  # the "distill" phase: steps, kl_first, kl_last, scales_changed
 
     @property
     def totals(self) -> dict:
@@ -101,10 +109,11 @@ class MergeReport:
             "shift_abs_p99_max": max((lr.shift_abs_p99 for lr in self.layers), default=0.0),
             "shift_frac_above_half": sum(lr.shift_frac_above_half for lr in self.layers) / max(n, 1),
             "rel_output_error_mean": sum(errs) / len(errs) if errs else None,
+            **({f"distill_{k}": v for k, v in self.distill.items()} if self.distill else {}),
         }
 
     def to_dict(self) -> dict:
-        return {"totals": self.totals, "layers": [asdict(lr) for lr in self.layers]}
+        return {"totals": self.totals, "distill": self.distill, "layers": [asdict(lr) for lr in self.layers]}
 
 
 def _median(xs):
@@ -116,7 +125,9 @@ def _median(xs):
 # Calibration statistics
 
 
-def collect_hessians(model: torch.nn.Module, layer_names: list[str], batches: Iterable[dict]) -> dict[str, torch.Tensor]:
+def collect_hessians(
+    model: torch.nn.Module, layer_names: list[str], batches: Iterable[dict], on_output: Optional[Callable[[dict, torch.Tensor], None]] = None
+) -> dict[str, torch.Tensor]:
     """``H = sum_x x x^T`` (float64 [K, K]) of the inputs of each named layer over ``batches``.
 
     Args:
@@ -124,6 +135,8 @@ def collect_hessians(model: torch.nn.Module, layer_names: list[str], batches: It
         layer_names: qualified names of the modules whose *input* is recorded.
         batches: dicts of model inputs (``input_ids``, ``attention_mask``); padded positions
             (``attention_mask == 0``) are excluded.
+        on_output: called as ``on_output(batch, logits)`` after each batch (used to record the teacher
+            targets of the ``"distill"`` strategy in the same pass).
     """
     modules = dict(model.named_modules())
     hessians: dict[str, torch.Tensor] = {}
@@ -153,7 +166,9 @@ def collect_hessians(model: torch.nn.Module, layer_names: list[str], batches: It
             for batch in batches:
                 mask_holder["mask"] = batch.get("attention_mask")
                 shared.clear()
-                model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+                out = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+                if on_output is not None:
+                    on_output(batch, out.logits)
     finally:
         for h in handles:
             h.remove()
@@ -274,16 +289,20 @@ def _merge_layer(name: str, t: GPTQTensors, delta: torch.Tensor, strategy: str, 
     z_new = z_new.clamp(0, t.maxq).to(torch.int64)
     q_new, s_new = t.q, t.scales
     target = t.dequantize() + delta[t.g_idx].t()  # [N, K]
-    if strategy == "scales":
+    if strategy in ("scales", "distill"):
         s_new = _refit_scales(target, t, z_new, hessian)
-    if strategy in ("gptq", "scales"):
+    if strategy in ("gptq", "scales", "distill"):
         q_new = _fixed_grid_gptq(target, s_new, z_new, t.g_idx, t.maxq, hessian, t.q)
     elif strategy != "round":
         raise ValueError(f"unknown merge strategy '{strategy}'; choose one of {STRATEGIES}.")
+    merged = GPTQTensors(q=q_new, z=z_new, scales=s_new, g_idx=t.g_idx, bits=t.bits)
+    return q_new, z_new, s_new, _layer_report(name, t, merged, delta, hessian, clamped)
 
-    target = target.to(torch.float64)
-    merged = GPTQTensors(q=q_new, z=z_new, scales=s_new, g_idx=t.g_idx, bits=t.bits).dequantize().to(torch.float64)
-    err = merged - target
+
+def _layer_report(name: str, t: GPTQTensors, merged: GPTQTensors, delta: torch.Tensor, hessian: Optional[torch.Tensor], clamped: int) -> LayerMergeReport:
+    """Compare the merged integers ``merged`` with the target ``dequant(t) + dW`` (see :class:`LayerMergeReport`)."""
+    target = (t.dequantize() + delta[t.g_idx].t()).to(torch.float64)
+    err = merged.dequantize().to(torch.float64) - target
     rel = None
     if hessian is not None:
         h32 = hessian.to(torch.float32)
@@ -292,10 +311,11 @@ def _merge_layer(name: str, t: GPTQTensors, delta: torch.Tensor, strategy: str, 
         denom = float(((dw @ h32) * dw).sum(dtype=torch.float64))
         num = float(((e32 @ h32) * e32).sum(dtype=torch.float64))
         rel = num / denom if denom > 0 else (0.0 if num == 0 else math.inf)
+    shift = delta / t.scales
     abs_shift = shift.abs().flatten().to(torch.float64)
     frac = (shift - torch.round(shift)).abs()
     tol = 1e-6 * float(t.scales.abs().max())
-    report = LayerMergeReport(
+    return LayerMergeReport(
         name=name,
         shift_abs_median=float(abs_shift.median()),
         shift_abs_p99=float(torch.quantile(abs_shift, 0.99)) if abs_shift.numel() < 16_000_000 else float(abs_shift.max()),
@@ -303,14 +323,13 @@ def _merge_layer(name: str, t: GPTQTensors, delta: torch.Tensor, strategy: str, 
         shift_frac_mean=float(frac.mean()),
         shift_frac_above_half=float((abs_shift > 0.5).double().mean()),
         zeros_clamped=clamped,
-        zeros_changed=int((z_new != t.z).sum()),
-        codes_changed=int((q_new != t.q).sum()),
+        zeros_changed=int((merged.z != t.z).sum()),
+        codes_changed=int((merged.q != t.q).sum()),
         max_abs_weight_error=float(err.abs().max()),
         rel_output_error=rel,
         exact=bool(err.abs().max() <= tol),
-        scales_changed=int((s_new != t.scales).sum()),
+        scales_changed=int((merged.scales != t.scales).sum()),
     )
-    return q_new, z_new, s_new, report
 
 
 def qalora_layers(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.nn.Module]:
@@ -324,23 +343,34 @@ def qalora_layers(model: PeftModel, adapter_name: str = "default") -> dict[str, 
 
 def merge_qalora(
     model: PeftModel,
-    strategy: str = "scales",
+    strategy: str = "distill",
     calibration: Optional[Iterable[dict]] = None,
     adapter_name: str = "default",
     progress: bool = True,
     hessians: Optional[dict[str, torch.Tensor]] = None,
+    teacher_targets: Optional[list] = None,
+    distill_steps: int = 32,
+    distill_lr: float = 1e-3,
+    distill_topk: int = 32,
 ):
     """Fold every QA-LoRA adapter into the integers of its GPTQ layer and drop the PEFT wrapper.
 
     Args:
         model: a ``PeftModel`` from :func:`qalora_hf.get_qalora_model` or
             :func:`qalora_hf.load_qalora_adapter` (stock PEFT ``use_qalora`` adapters included).
-        strategy: ``"scales"`` (default), ``"gptq"`` (both need ``calibration``) or ``"round"``; see the module docstring.
-        calibration: batches (dicts with ``input_ids`` and optional ``attention_mask`` tensors) from
-            the training distribution, run once through the trained model to collect ``H = X^T X``
-            per layer.  With ``"round"`` they only feed ``rel_output_error`` in the report.
+        strategy: ``"distill"`` (default), ``"scales"``, ``"gptq"`` (these need ``calibration``) or
+            ``"round"``; see the module docstring.
+        calibration: batches (dicts with ``input_ids`` [B, T] and optional ``attention_mask`` [B, T] tensors)
+            from the training distribution, run once through the trained model to collect ``H = X^T X``
+            per layer (and, for ``"distill"``, the teacher's top-k next-token log-probabilities).  With
+            ``"round"`` they only feed ``rel_output_error`` in the report.
         hessians: precomputed :func:`collect_hessians` output (keys ``"<layer name>.base_layer"``), used
             instead of ``calibration`` (e.g. to compare strategies on the same statistics).
+        teacher_targets: precomputed :func:`qalora_hf.recovery.teacher_topk` list for ``"distill"``
+            (with ``hessians``, instead of ``calibration``).
+        distill_steps / distill_lr / distill_topk: the ``"distill"`` phase (one calibration batch per
+            step; peak Adam learning rate on the relative scale change; teacher tokens kept per position);
+            see :func:`qalora_hf.recovery.distill_scales`.
 
     Returns:
         ``(merged_model, report)``: the plain transformers GPTQ model (no PEFT wrapper, no adapter
@@ -348,8 +378,10 @@ def merge_qalora(
 
     Raises:
         TypeError: ``model`` is not a ``PeftModel`` with QA-LoRA layers.
-        ValueError: unknown strategy, or ``"scales"``/``"gptq"`` without calibration.
+        ValueError: unknown strategy, or a calibrated strategy without calibration.
     """
+    from .recovery import distill_scales, teacher_topk
+
     if not isinstance(model, PeftModel):
         raise TypeError(f"merge_qalora expects a peft.PeftModel with QA-LoRA adapters, got {type(model).__name__}.")
     if strategy not in STRATEGIES:
@@ -358,15 +390,25 @@ def merge_qalora(
     if not layers:
         raise TypeError("the model has no QA-LoRA layers on GPTQ layers (was it built with get_qalora_model?).")
     calibration = list(calibration) if calibration is not None else None
-    if strategy in ("gptq", "scales") and not calibration and not hessians:
-        raise ValueError("strategy='gptq' needs calibration batches (a few hundred training rows); pass calibration=... or use strategy='round'.")
+    if strategy in ("gptq", "scales", "distill") and not calibration and not (hessians and (strategy != "distill" or teacher_targets)):
+        raise ValueError(
+            f"strategy='{strategy}' needs calibration batches (a few hundred training rows); pass calibration=... "
+            "or use strategy='round'."
+        )
+    if strategy == "distill" and distill_steps < 1:
+        raise ValueError(f"distill_steps={distill_steps}: the 'distill' strategy needs at least one step (or use strategy='scales').")
 
     hessians = dict(hessians or {})
-    if calibration and not hessians:
+    targets = list(teacher_targets or [])
+    want_teacher = strategy == "distill" and not targets
+    if calibration and (not hessians or want_teacher):
         logger.info("merge: collecting input statistics of %d layers on %d calibration batches", len(layers), len(calibration))
-        hessians = collect_hessians(model, [f"{n}.base_layer" for n in layers], calibration)
+        on_output = (lambda b, logits: targets.append(teacher_topk(b, logits, distill_topk))) if want_teacher else None
+        collected = collect_hessians(model, [f"{n}.base_layer" for n in layers], calibration, on_output=on_output)
+        hessians = hessians or collected
 
     report = MergeReport(strategy=strategy)
+    originals: dict[str, GPTQTensors] = {}
     for name, module in tqdm(layers.items(), desc=f"Merging QA-LoRA ({strategy})", disable=not progress):
         base = module.get_base_layer()
         delta = group_delta(module, adapter_name)
@@ -375,6 +417,18 @@ def merge_qalora(
         q_new, z_new, s_new, layer_report = _merge_layer(name.removeprefix("base_model.model."), tensors, delta, strategy, h)
         write_layer(base, q=q_new if layer_report.codes_changed else None, z=z_new, scales=s_new if s_new is not tensors.scales else None)
         report.layers.append(layer_report)
+        if strategy == "distill":  # compact copy for the report after distillation (uint8 codes)
+            originals[name] = GPTQTensors(q=tensors.q.to(torch.uint8), z=tensors.z.to(torch.uint8), scales=tensors.scales, g_idx=tensors.g_idx, bits=tensors.bits)
+
+    if strategy == "distill":
+        with model.disable_adapter():  # the forward is now the merged model
+            report.distill = distill_scales(model, [f"{n}.base_layer" for n in layers], targets, steps=distill_steps, lr=distill_lr, progress=progress)
+        for i, (name, module) in enumerate(layers.items()):
+            t0 = originals.pop(name)
+            t0 = GPTQTensors(q=t0.q.to(torch.int64), z=t0.z.to(torch.int64), scales=t0.scales, g_idx=t0.g_idx, bits=t0.bits)
+            old = report.layers[i]
+            report.layers[i] = _layer_report(old.name, t0, read_layer(module.get_base_layer()), group_delta(module, adapter_name),
+                                             hessians.get(f"{name}.base_layer"), old.zeros_clamped)
 
     merged = model.unload()
     qc = merged.config.quantization_config

@@ -106,7 +106,7 @@ class QALoraTrainer(SFTTrainer):
         qalora_config: Optional[QALoraConfig] = None,
         quantize_config: Optional[QuantizeConfig] = None,
         merge_at_end: bool = True,
-        merge_strategy: str = "scales",
+        merge_strategy: str = "distill",
         num_calibration_rows: int = 128,
         num_holdout_rows: int = 32,
         export_dir: Optional[str] = None,

@@ -42,7 +42,7 @@ class ScriptArguments:
     lora_alpha: float = field(default=16, metadata={"help": "QA-LoRA alpha (scaling = alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "QA-LoRA dropout."})
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "Modules to adapt."})
-    merge_strategy: str = field(default="scales", metadata={"help": "Merge strategy: scales (default), gptq or round; see qalora_hf.merge."})
+    merge_strategy: str = field(default="distill", metadata={"help": "Merge strategy: distill (default), scales, gptq or round; see qalora_hf.merge."})
     float_model_hub_id: Optional[str] = field(
         default=None, metadata={"help": "Hub id of the float model (model card metadata) when model_name_or_path is a local copy."}
     )

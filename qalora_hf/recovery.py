@@ -1,0 +1,234 @@
+"""Scale-only distillation after the integer merge (the ``"distill"`` merge strategy).
+
+After the integer merge (codes, zero-points and fp16 scales chosen layer by layer, see
+:mod:`qalora_hf.merge`) each layer's output error is small but not zero, and the errors of 210 layers
+add up along the network.  This phase tunes only the fp16 group ``scales`` of the merged layers
+(codes and zero-points frozen, so the checkpoint stays a standard integer-zero-point GPTQ checkpoint)
+to match the trained model's next-token distribution on calibration rows:
+
+* scale-only tuning of a quantised model: PEQA (Kim et al. 2023, "Memory-Efficient Fine-Tuning of
+  Compressed Large Language Models via sub-4-bit Integer Quantization", §3);
+* the objective is knowledge distillation (Hinton et al. 2015) from the trained model (adapters
+  unmerged) to the merged model, ``KL(p_teacher || p_student)`` restricted to the teacher's top-``k``
+  tokens per position (sparse distillation; the remaining teacher mass is dropped);
+* the fp16 rounding of the stored scales is in the forward pass (straight-through estimator,
+  Bengio et al. 2013), so what is optimised is what lands on disk.
+
+The teacher's top-``k`` log-probabilities are recorded in the same pass that collects the merge's
+Hessians (:func:`qalora_hf.merge.collect_hessians`), so the teacher is never held twice in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable, Optional
+import torch
+from torch import nn
+
+from .gptq_format import read_layer, write_layer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherTargets:
+    """Top-``k`` teacher log-probabilities of one calibration batch.
+
+    Attributes:
+        batch: the model inputs (``input_ids`` [B, T] int64, optional ``attention_mask`` [B, T]).
+        positions: bool [B, T], the positions that are distilled (non-padding).
+        logprobs: fp16 [P, k], log-softmax of the teacher's logits at those positions (nats).
+        indices: int32 [P, k], the token ids of those log-probabilities.
+    """
+
+    batch: dict
+    positions: torch.Tensor
+    logprobs: torch.Tensor
+    indices: torch.Tensor
+
+
+def teacher_topk(batch: dict, logits: torch.Tensor, k: int = 32) -> TeacherTargets:
+    """Keep the top-``k`` log-probabilities of ``logits`` [B, T, V] at the non-padding positions of ``batch``."""
+    mask = batch.get("attention_mask")
+    positions = (mask.bool() if mask is not None else torch.ones(logits.shape[:2], dtype=torch.bool)).cpu()
+    logp = torch.log_softmax(logits.detach().float(), dim=-1)[positions.to(logits.device)]
+    vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    inputs = {key: v.detach() for key, v in batch.items() if key in ("input_ids", "attention_mask")}
+    return TeacherTargets(inputs, positions, vals.to(torch.float16).cpu(), idx.to(torch.int32).cpu())
+
+
+def topk_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Mean KL divergence (nats) over the partition {top-k tokens, everything else}.
+
+    Args:
+        teacher / student: float32 [P, k] log-probabilities of the teacher's top-k tokens under the
+            teacher and under the student (full-vocabulary log-softmax, gathered).
+
+    The remaining mass ``1 - sum(p)`` is one extra outcome, so the result is a true KL divergence
+    (non-negative, 0 iff both agree on the top-k tokens and the rest) of the coarsened distributions.
+    """
+    pt = teacher.exp()
+    rest_t = (1 - pt.sum(-1)).clamp(min=1e-12)
+    rest_s = (1 - student.exp().sum(-1)).clamp(min=1e-12)
+    kl = (pt * (teacher - student)).sum(-1) + rest_t * (rest_t.log() - rest_s.log())
+    return kl.mean()
+
+
+class _ScaleOnlyMatmul(torch.autograd.Function):
+    """``y = x @ W`` with ``W[i, o] = v[i, o] * s[g_idx[i], o]``; gradients for ``x`` and ``s`` only.
+
+    Saves the int8 ``v = q - z`` instead of the float weight, and rebuilds ``W`` in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, v, s, g_idx):
+        w = v.to(s.dtype) * s[g_idx]
+        ctx.save_for_backward(x, v, s, g_idx)
+        return x.to(w.dtype) @ w
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, v, s, g_idx = ctx.saved_tensors
+        gx = gs = None
+        if ctx.needs_input_grad[0]:
+            gx = (gy @ (v.to(s.dtype) * s[g_idx]).t()).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            gw = x.reshape(-1, x.shape[-1]).to(gy.dtype).t() @ gy.reshape(-1, gy.shape[-1])  # [K, N]
+            gs = torch.zeros_like(s).index_add_(0, g_idx, gw * v.to(gw.dtype))
+        return gx, None, gs, None
+
+
+class ScaleTunedLinear(nn.Module):
+    """A merged GPTQ layer with frozen integer codes/zero-points and trainable scales.
+
+    ``W[o, i] = s[g_idx[i], o] * (q[i, o] - z[g_idx[i], o])`` with ``s = fp16(s0 * (1 + u))`` and ``u`` [G, N]
+    (float32, initialised to 0) the only trainable tensor; the fp16 rounding uses a straight-through
+    gradient.  ``s0`` are the layer's stored scales.  Computes in float32.
+    """
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        t = read_layer(layer)
+        self.layer = layer
+        self.bits = t.bits
+        dev = layer.qweight.device
+        self.register_buffer("v", (t.q - t.z[t.g_idx]).to(torch.int8).to(dev), persistent=False)  # [K, N]
+        self.register_buffer("g_idx", t.g_idx.to(dev), persistent=False)
+        self.register_buffer("s0", t.scales.to(dev), persistent=False)
+        self.u = nn.Parameter(torch.zeros_like(self.s0))
+        self.bias = getattr(layer, "bias", None)
+
+    def scales(self) -> torch.Tensor:
+        s = self.s0 * (1 + self.u)
+        return s + (s.to(torch.float16).to(s.dtype) - s).detach()  # what is stored (fp16), STE gradient
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _ScaleOnlyMatmul.apply(x, self.v, self.scales(), self.g_idx)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype)
+
+    def write_back(self) -> torch.Tensor:
+        """Store the tuned scales (fp16) in the wrapped GPTQ layer; returns them as float32 [G, N]."""
+        with torch.no_grad():
+            s = (self.s0 * (1 + self.u)).to(torch.float16).to(torch.float32)
+        write_layer(self.layer, scales=s.cpu())
+        return s.cpu()
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Replace submodule ``name`` by ``new`` under every attribute of its parent that holds it (PEFT's
+    ``GPTQLoraLinear`` keeps the GPTQ layer as both ``base_layer`` and ``quant_linear_module``)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    for attr, module in list(parent._modules.items()):
+        if module is old:
+            setattr(parent, attr, new)
+    return old
+
+
+def distill_scales(
+    model: nn.Module,
+    layer_names: list[str],
+    targets: list[TeacherTargets],
+    steps: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+    on_step: Optional[Callable[[int, float], None]] = None,
+) -> dict:
+    """Tune the fp16 scales of ``layer_names`` (GPTQ layers of ``model``) to match the teacher targets.
+
+    Args:
+        model: the model whose forward is the merged model (for a ``PeftModel``, call it inside
+            ``disable_adapter()``); its GPTQ layers must be loaded with a v2 kernel (``backend="torch"``).
+        layer_names: qualified names of the GPTQ layers to tune (the merged ones).
+        targets: :func:`teacher_topk` of the trained model on calibration batches.
+        steps: optimiser steps, one calibration batch each (cycling through ``targets`` in shuffled order).
+        lr: peak Adam learning rate (cosine decay to 0) on the relative scale change ``u`` (``s = s0 * (1 + u)``), so roughly the
+            relative change of a scale per step.
+        seed: shuffling seed.
+        on_step: called as ``on_step(step, kl)`` after each optimiser step (1-based).
+
+    Returns:
+        ``{"steps", "kl_first", "kl_last", "scales_changed"}``: the mean top-k KL (nats per position)
+        of the first and last step and the number of stored fp16 scales that changed.  The tuned
+        scales are written into the GPTQ layers in place; codes and zero-points are untouched.
+    """
+    if not targets or steps <= 0:
+        return {"steps": 0, "kl_first": None, "kl_last": None, "scales_changed": 0}
+    tuned = {n: ScaleTunedLinear(model.get_submodule(n)) for n in layer_names}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    originals = {n: _swap(model, n, m) for n, m in tuned.items()}
+    params = [m.u for m in tuned.values()]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))  # cosine to 0
+    was_training = model.training
+    model.eval()  # no dropout: the merged forward exactly
+    rng = random.Random(seed)
+    order: list[int] = []
+    kl_first = kl_last = None
+    changed = 0
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(steps), desc="Distilling scales", disable=not progress)
+        for step in bar:
+            if not order:
+                order = list(range(len(targets)))
+                rng.shuffle(order)
+            t = targets[order.pop()]
+            dev = next(iter(tuned.values())).s0.device
+            out = model(**{k: v.to(dev) for k, v in t.batch.items()})
+            logp = torch.log_softmax(out.logits.float()[t.positions.to(dev)], dim=-1)  # [P, V]
+            kl = topk_kl(t.logprobs.to(dev).float(), logp.gather(-1, t.indices.to(dev).long()))
+            opt.zero_grad(set_to_none=True)
+            kl.backward()
+            opt.step()
+            sched.step()
+            kl_last = float(kl.detach())
+            kl_first = kl_last if kl_first is None else kl_first
+            bar.set_postfix(kl=f"{kl_last:.4f}")
+            if not math.isfinite(kl_last):
+                raise FloatingPointError("scale distillation diverged (non-finite KL); lower the learning rate.")
+            if on_step is not None:
+                on_step(step + 1, kl_last)
+        for n, m in tuned.items():
+            before = m.layer.scales.detach().clone()
+            m.write_back()
+            changed += int((m.layer.scales != before).sum())
+    finally:
+        for n, old in originals.items():
+            _swap(model, n, old)
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
+    logger.info("scale distillation: %d steps, top-k KL %.4f -> %.4f, %d scales changed", steps, kl_first, kl_last, changed)
+    return {"steps": steps, "kl_first": kl_first, "kl_last": kl_last, "scales_changed": changed}
+
