@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--strategies", default="round,gptq,scales,distill")
     ap.add_argument("--distill-steps", type=int, default=32)
-    ap.add_argument("--distill-lr", type=float, default=1e-3)
+    ap.add_argument("--distill-lr", type=float, default=1.5e-2)
     ap.add_argument("--mmlu-per-topic", type=int, default=0, help="0 = skip MMLU")
     ap.add_argument("--requant", action="store_true", help="also run the QLoRA-style float-merge + fresh GPTQ baseline")
     ap.add_argument("--label", default="")

@@ -59,6 +59,11 @@ MERGE_LABELS = {
     "shift_abs_median": "median abs. zero-point shift (quantisation steps)",
     "shift_frac_above_half": "fraction of shifts above half a step",
     "rel_output_error_mean": "mean relative output error per layer (0 exact, 1 = adapter dropped)",
+    "scales_changed": "fp16 scales changed",
+    "distill_steps": "scale-distillation steps (strategy `distill`)",
+    "distill_kl_first": "top-k KL to the trained model, first distillation step (nats/token, calibration rows)",
+    "distill_kl_last": "top-k KL to the trained model, last distillation step (nats/token, calibration rows)",
+    "distill_scales_changed": "fp16 scales changed by the distillation",
 }
 
 

@@ -149,7 +149,7 @@ def read_layer(layer) -> GPTQTensors:
     return GPTQTensors(
         q=q,
         z=z,
-        scales=layer.scales.detach().cpu().to(torch.float32),
+        scales=layer.scales.detach().cpu().to(torch.float32).clone(),  # a copy even when already fp32 on CPU
         g_idx=layer.g_idx.detach().cpu().to(torch.int64),
         bits=bits,
     )

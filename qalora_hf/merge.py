@@ -350,7 +350,7 @@ def merge_qalora(
     hessians: Optional[dict[str, torch.Tensor]] = None,
     teacher_targets: Optional[list] = None,
     distill_steps: int = 32,
-    distill_lr: float = 1e-3,
+    distill_lr: float = 1.5e-2,
     distill_topk: int = 32,
 ):
     """Fold every QA-LoRA adapter into the integers of its GPTQ layer and drop the PEFT wrapper.
@@ -369,7 +369,8 @@ def merge_qalora(
         teacher_targets: precomputed :func:`qalora_hf.recovery.teacher_topk` list for ``"distill"``
             (with ``hessians``, instead of ``calibration``).
         distill_steps / distill_lr / distill_topk: the ``"distill"`` phase (one calibration batch per
-            step; peak Adam learning rate on the relative scale change; teacher tokens kept per position);
+            step; peak Adam learning rate on the scale change in quantisation steps at the end of the code range;
+            teacher tokens kept per position);
             see :func:`qalora_hf.recovery.distill_scales`.
 
     Returns:
@@ -421,8 +422,15 @@ def merge_qalora(
             originals[name] = GPTQTensors(q=tensors.q.to(torch.uint8), z=tensors.z.to(torch.uint8), scales=tensors.scales, g_idx=tensors.g_idx, bits=tensors.bits)
 
     if strategy == "distill":
-        with model.disable_adapter():  # the forward is now the merged model
+        # The forward must be the merged model: switch off only the QA-LoRA layers (model.disable_adapter()
+        # would also swap modules_to_save back to their untrained originals).
+        for module in layers.values():
+            module.enable_adapters(False)
+        try:
             report.distill = distill_scales(model, [f"{n}.base_layer" for n in layers], targets, steps=distill_steps, lr=distill_lr, progress=progress)
+        finally:
+            for module in layers.values():
+                module.enable_adapters(True)
         for i, (name, module) in enumerate(layers.items()):
             t0 = originals.pop(name)
             t0 = GPTQTensors(q=t0.q.to(torch.int64), z=t0.z.to(torch.int64), scales=t0.scales, g_idx=t0.g_idx, bits=t0.bits)

@@ -42,12 +42,14 @@ class TeacherTargets:
         positions: bool [B, T], the positions that are distilled (non-padding).
         logprobs: fp16 [P, k], log-softmax of the teacher's logits at those positions (nats).
         indices: int32 [P, k], the token ids of those log-probabilities.
+        rest: float32 [P], log of the teacher's probability mass outside the top-k (exact, from the logits).
     """
 
     batch: dict
     positions: torch.Tensor
     logprobs: torch.Tensor
     indices: torch.Tensor
+    rest: torch.Tensor
 
 
 def teacher_topk(batch: dict, logits: torch.Tensor, k: int = 32) -> TeacherTargets:
@@ -56,31 +58,37 @@ def teacher_topk(batch: dict, logits: torch.Tensor, k: int = 32) -> TeacherTarge
     positions = (mask.bool() if mask is not None else torch.ones(logits.shape[:2], dtype=torch.bool)).cpu()
     logp = torch.log_softmax(logits.detach().float(), dim=-1)[positions.to(logits.device)]
     vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    rest = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
     inputs = {key: v.detach() for key, v in batch.items() if key in ("input_ids", "attention_mask")}
-    return TeacherTargets(inputs, positions, vals.to(torch.float16).cpu(), idx.to(torch.int32).cpu())
+    return TeacherTargets(inputs, positions, vals.to(torch.float16).cpu(), idx.to(torch.int32).cpu(), rest.cpu())
 
 
-def topk_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+def topk_kl(teacher: torch.Tensor, student: torch.Tensor, teacher_rest: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean KL divergence (nats) over the partition {top-k tokens, everything else}.
 
     Args:
         teacher / student: float32 [P, k] log-probabilities of the teacher's top-k tokens under the
             teacher and under the student (full-vocabulary log-softmax, gathered).
+        teacher_rest: float32 [P], log of the teacher's mass outside the top-k (``TeacherTargets.rest``);
+            default ``log(1 - sum(exp(teacher)))``.
 
-    The remaining mass ``1 - sum(p)`` is one extra outcome, so the result is a true KL divergence
-    (non-negative, 0 iff both agree on the top-k tokens and the rest) of the coarsened distributions.
+    The remaining mass is one extra outcome, so the result is a true KL divergence (non-negative, 0 iff
+    both agree on the top-k tokens and on the rest) of the coarsened distributions.  The student's
+    rest is ``log(1 - sum(exp(student)))`` in float64 (clamped at 1e-12).
     """
     pt = teacher.exp()
-    rest_t = (1 - pt.sum(-1)).clamp(min=1e-12)
-    rest_s = (1 - student.exp().sum(-1)).clamp(min=1e-12)
-    kl = (pt * (teacher - student)).sum(-1) + rest_t * (rest_t.log() - rest_s.log())
-    return kl.mean()
+    if teacher_rest is None:
+        teacher_rest = torch.log((1 - pt.double().sum(-1)).clamp(min=1e-12))
+    rest_s = torch.log((1 - student.double().exp().sum(-1)).clamp(min=1e-12))
+    rest_t = teacher_rest.double()
+    kl = (pt * (teacher - student)).sum(-1).double() + rest_t.exp() * (rest_t - rest_s)
+    return kl.mean().to(teacher.dtype)
 
 
 class _ScaleOnlyMatmul(torch.autograd.Function):
     """``y = x @ W`` with ``W[i, o] = v[i, o] * s[g_idx[i], o]``; gradients for ``x`` and ``s`` only.
 
-    Saves the int8 ``v = q - z`` instead of the float weight, and rebuilds ``W`` in backward.
+    Saves the integer ``v = q - z`` (int8, int16 for 8 bits) instead of the float weight, and rebuilds ``W`` in backward.
     """
 
     @staticmethod
@@ -104,7 +112,7 @@ class _ScaleOnlyMatmul(torch.autograd.Function):
 class ScaleTunedLinear(nn.Module):
     """A merged GPTQ layer with frozen integer codes/zero-points and trainable scales.
 
-    ``W[o, i] = s[g_idx[i], o] * (q[i, o] - z[g_idx[i], o])`` with ``s = fp16(s0 * (1 + u))`` and ``u`` [G, N]
+    ``W[o, i] = s[g_idx[i], o] * (q[i, o] - z[g_idx[i], o])`` with ``s = fp16(s0 * (1 + u / maxq))`` and ``u`` [G, N]
     (float32, initialised to 0) the only trainable tensor; the fp16 rounding uses a straight-through
     gradient.  ``s0`` are the layer's stored scales.  Computes in float32.
     """
@@ -114,15 +122,17 @@ class ScaleTunedLinear(nn.Module):
         t = read_layer(layer)
         self.layer = layer
         self.bits = t.bits
+        self.maxq = t.maxq
         dev = layer.qweight.device
-        self.register_buffer("v", (t.q - t.z[t.g_idx]).to(torch.int8).to(dev), persistent=False)  # [K, N]
+        v_dtype = torch.int8 if t.bits < 8 else torch.int16  # q - z spans [-(2**bits - 1), 2**bits - 1]
+        self.register_buffer("v", (t.q - t.z[t.g_idx]).to(v_dtype).to(dev), persistent=False)  # [K, N]
         self.register_buffer("g_idx", t.g_idx.to(dev), persistent=False)
         self.register_buffer("s0", t.scales.to(dev), persistent=False)
         self.u = nn.Parameter(torch.zeros_like(self.s0))
         self.bias = getattr(layer, "bias", None)
 
     def scales(self) -> torch.Tensor:
-        s = self.s0 * (1 + self.u)
+        s = self.s0 * (1 + self.u / self.maxq)
         return s + (s.to(torch.float16).to(s.dtype) - s).detach()  # what is stored (fp16), STE gradient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +144,7 @@ class ScaleTunedLinear(nn.Module):
     def write_back(self) -> torch.Tensor:
         """Store the tuned scales (fp16) in the wrapped GPTQ layer; returns them as float32 [G, N]."""
         with torch.no_grad():
-            s = (self.s0 * (1 + self.u)).to(torch.float16).to(torch.float32)
+            s = (self.s0 * (1 + self.u / self.maxq)).to(torch.float16).to(torch.float32)
         write_layer(self.layer, scales=s.cpu())
         return s.cpu()
 
@@ -156,7 +166,7 @@ def distill_scales(
     layer_names: list[str],
     targets: list[TeacherTargets],
     steps: int = 32,
-    lr: float = 1e-3,
+    lr: float = 1.5e-2,
     seed: int = 0,
     progress: bool = True,
     on_step: Optional[Callable[[int, float], None]] = None,
@@ -164,71 +174,84 @@ def distill_scales(
     """Tune the fp16 scales of ``layer_names`` (GPTQ layers of ``model``) to match the teacher targets.
 
     Args:
-        model: the model whose forward is the merged model (for a ``PeftModel``, call it inside
-            ``disable_adapter()``); its GPTQ layers must be loaded with a v2 kernel (``backend="torch"``).
+        model: the model whose forward is the merged model (for a ``PeftModel``, with the QA-LoRA layers'
+            adapters disabled); its GPTQ layers must be loaded with a v2 kernel (``backend="torch"``).
         layer_names: qualified names of the GPTQ layers to tune (the merged ones).
         targets: :func:`teacher_topk` of the trained model on calibration batches.
         steps: optimiser steps, one calibration batch each (cycling through ``targets`` in shuffled order).
-        lr: peak Adam learning rate (cosine decay to 0) on the relative scale change ``u`` (``s = s0 * (1 + u)``), so roughly the
-            relative change of a scale per step.
+        lr: peak Adam learning rate (cosine decay to 0) on ``u``, where ``s = s0 * (1 + u / maxq)``: a change of
+            ``u`` by 1 moves the weights at the end of the code range (``|q - z| = maxq``) by one
+            quantisation step, whatever the bit width.  1.5e-2 for 4 bits is a relative scale change of 1e-3.
         seed: shuffling seed.
         on_step: called as ``on_step(step, kl)`` after each optimiser step (1-based).
 
     Returns:
-        ``{"steps", "kl_first", "kl_last", "scales_changed"}``: the mean top-k KL (nats per position)
-        of the first and last step and the number of stored fp16 scales that changed.  The tuned
-        scales are written into the GPTQ layers in place; codes and zero-points are untouched.
+        ``{"steps", "kl_first", "kl_last", "scales_changed", "diverged"}``: the mean top-k KL (nats per
+        position) of the first and last step and the number of stored fp16 scales that changed.  The tuned
+        scales are written into the GPTQ layers in place; codes and zero-points are untouched.  If the KL
+        becomes non-finite, nothing is written (the layers keep their scales) and ``diverged`` is True.
+
+    Memory: per tuned layer an integer copy of ``q - z`` (1 byte per weight, 2 for 8 bits) and a float32
+    ``u`` per group, plus the layer inputs saved for backward.
     """
     if not targets or steps <= 0:
-        return {"steps": 0, "kl_first": None, "kl_last": None, "scales_changed": 0}
-    tuned = {n: ScaleTunedLinear(model.get_submodule(n)) for n in layer_names}
+        return {"steps": 0, "kl_first": None, "kl_last": None, "scales_changed": 0, "diverged": False}
     flags = {p: p.requires_grad for p in model.parameters()}
-    for p in flags:
-        p.requires_grad_(False)
-    originals = {n: _swap(model, n, m) for n, m in tuned.items()}
-    params = [m.u for m in tuned.values()]
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))  # cosine to 0
+    originals: dict[str, nn.Module] = {}
     was_training = model.training
-    model.eval()  # no dropout: the merged forward exactly
     rng = random.Random(seed)
     order: list[int] = []
     kl_first = kl_last = None
     changed = 0
+    diverged = False
     try:
         from tqdm.auto import tqdm
 
+        tuned = {n: ScaleTunedLinear(model.get_submodule(n)) for n in layer_names}
+        for p in flags:
+            p.requires_grad_(False)
+        for n, m in tuned.items():
+            originals[n] = _swap(model, n, m)
+        opt = torch.optim.Adam([m.u for m in tuned.values()], lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))  # cosine to 0
+        model.eval()  # no dropout: the merged forward exactly
+        in_dev = model.get_input_embeddings().weight.device
         bar = tqdm(range(steps), desc="Distilling scales", disable=not progress)
         for step in bar:
             if not order:
                 order = list(range(len(targets)))
                 rng.shuffle(order)
             t = targets[order.pop()]
-            dev = next(iter(tuned.values())).s0.device
-            out = model(**{k: v.to(dev) for k, v in t.batch.items()})
-            logp = torch.log_softmax(out.logits.float()[t.positions.to(dev)], dim=-1)  # [P, V]
-            kl = topk_kl(t.logprobs.to(dev).float(), logp.gather(-1, t.indices.to(dev).long()))
-            opt.zero_grad(set_to_none=True)
-            kl.backward()
+            with torch.enable_grad():
+                out = model(**{k: v.to(in_dev) for k, v in t.batch.items()})
+                dev = out.logits.device
+                logp = torch.log_softmax(out.logits.float()[t.positions.to(dev)], dim=-1)  # [P, V]
+                kl = topk_kl(t.logprobs.to(dev).float(), logp.gather(-1, t.indices.to(dev).long()), t.rest.to(dev))
+                if not math.isfinite(float(kl.detach())):
+                    logger.warning("scale distillation diverged at step %d (non-finite KL): keeping the scales from before it; "
+                                   "lower distill_lr.", step + 1)
+                    diverged = True
+                    break
+                opt.zero_grad(set_to_none=True)
+                kl.backward()
             opt.step()
             sched.step()
             kl_last = float(kl.detach())
             kl_first = kl_last if kl_first is None else kl_first
             bar.set_postfix(kl=f"{kl_last:.4f}")
-            if not math.isfinite(kl_last):
-                raise FloatingPointError("scale distillation diverged (non-finite KL); lower the learning rate.")
             if on_step is not None:
                 on_step(step + 1, kl_last)
-        for n, m in tuned.items():
-            before = m.layer.scales.detach().clone()
-            m.write_back()
-            changed += int((m.layer.scales != before).sum())
+        if not diverged:
+            for m in tuned.values():
+                before = m.layer.scales.detach().clone()
+                m.write_back()
+                changed += int((m.layer.scales != before).sum())
     finally:
         for n, old in originals.items():
             _swap(model, n, old)
         for p, f in flags.items():
             p.requires_grad_(f)
         model.train(was_training)
-    logger.info("scale distillation: %d steps, top-k KL %.4f -> %.4f, %d scales changed", steps, kl_first, kl_last, changed)
-    return {"steps": steps, "kl_first": kl_first, "kl_last": kl_last, "scales_changed": changed}
+    logger.info("scale distillation: %d steps, top-k KL %s -> %s, %d scales changed", steps, kl_first, kl_last, changed)
+    return {"steps": steps, "kl_first": kl_first, "kl_last": kl_last, "scales_changed": changed, "diverged": diverged}
 

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repo-id", required=True)
     ap.add_argument("--run-dir", required=True, help="output_dir of the recipe run (holds run_info.json)")
     ap.add_argument("--report", required=True, help="markdown file for the results table")
-    ap.add_argument("--mmlu-per-topic", type=int, default=4, help="MMLU questions per topic (57 topics)")
+    ap.add_argument("--mmlu-per-topic", type=int, default=2, help="MMLU questions per topic (57 topics)")
     ap.add_argument("--no-card-update", action="store_true")
     args = ap.parse_args(argv)
 
