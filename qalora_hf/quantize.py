@@ -37,6 +37,12 @@ class QuantizeConfig:
     num_calibration_rows: int = field(default=128, metadata={"help": "Training rows used as GPTQ calibration text."})
     max_calibration_length: int = field(default=512, metadata={"help": "Token limit per calibration row."})
     damp_percent: float = field(default=0.1, metadata={"help": "GPTQ Hessian dampening."})
+    true_sequential: bool = field(
+        default=True,
+        metadata={"help": "Quantise the linear layers of a block one after the other, each calibrated on the outputs of the "
+                          "already-quantised ones (optimum's default: one calibration pass per layer). False calibrates all "
+                          "layers of a block on one pass (GPTQ's original order; ~3x faster on CPU)."},
+    )
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Where quantised bases are cached (default: $QALORA_HF_CACHE/gptq or ~/.cache/qalora-hf/gptq)."})
 
     def __post_init__(self):
@@ -56,7 +62,9 @@ def _cache_root(qconfig: QuantizeConfig) -> Path:
 
 def _fingerprint(model_path: str, qconfig: QuantizeConfig, texts: Sequence[str]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({k: v for k, v in asdict(qconfig).items() if k != "cache_dir"}, sort_keys=True).encode())
+    # true_sequential=True (the default) is left out so that caches made before the option existed stay valid
+    settings = {k: v for k, v in asdict(qconfig).items() if k != "cache_dir" and not (k == "true_sequential" and v)}
+    h.update(json.dumps(settings, sort_keys=True).encode())
     p = Path(model_path)
     if p.is_dir():
         for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("config.json")):
@@ -105,6 +113,7 @@ def quantize_model(model_path: str, qconfig: QuantizeConfig, calibration_texts: 
         dataset=texts,
         tokenizer=tokenizer,
         model_seqlen=qconfig.max_calibration_length,
+        true_sequential=qconfig.true_sequential,
         backend=TRAINABLE_BACKEND,
     )
     model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=gptq, dtype=torch.float32)

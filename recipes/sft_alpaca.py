@@ -38,6 +38,9 @@ class ScriptArguments:
     desc_act: bool = field(default=False, metadata={"help": "GPTQ act-order."})
     sym: bool = field(default=False, metadata={"help": "Symmetric GPTQ."})
     num_calibration_rows: int = field(default=128, metadata={"help": "Training rows for GPTQ calibration and for the merge."})
+    gptq_true_sequential: bool = field(
+        default=True, metadata={"help": "GPTQ: one calibration pass per linear layer (True) or one per block (False, ~3x faster on CPU)."}
+    )
     lora_r: int = field(default=16, metadata={"help": "QA-LoRA rank."})
     lora_alpha: float = field(default=16, metadata={"help": "QA-LoRA alpha (scaling = alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "QA-LoRA dropout."})
@@ -103,7 +106,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig):
             raise SystemExit(f"{model_path} is a float model and --quantize is false; pass a GPTQ checkpoint or --quantize true.")
         quantize_config = QuantizeConfig(
             bits=script_args.bits, group_size=script_args.group_size, desc_act=script_args.desc_act, sym=script_args.sym,
-            num_calibration_rows=script_args.num_calibration_rows,
+            num_calibration_rows=script_args.num_calibration_rows, true_sequential=script_args.gptq_true_sequential,
         )
     targets = script_args.lora_target_modules
     qalora_config = QALoraConfig(
