@@ -29,7 +29,8 @@ fi
 
 echo "== 2/4 quantise + train + merge + export + push: accelerate launch recipes/sft_alpaca.py"
 rm -rf "$OUT/run"
-$PY -m accelerate.commands.launch --config_file recipes/accelerate_configs/single_process.yaml \
+# accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise (measured: the whole run on one core)
+$PY -m accelerate.commands.launch --num_cpu_threads_per_process "$(nproc)" --config_file recipes/accelerate_configs/single_process.yaml \
   recipes/sft_alpaca.py --config recipes/configs/smollm2_135m_cpu.yaml \
   --output_dir "$OUT/run" --push_to_hub true --hub_model_id "$REPO_ID" ${DEMO_ARGS:-}
 stamp

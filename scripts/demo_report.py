@@ -101,6 +101,9 @@ def main(argv=None) -> int:
     )
     if kept is not None and kept < 0.9:
         verdict += " That is well short of the trained adapter: the integer merge loses part of the fine-tuning."
+    elif kept is not None and kept < 0.95:
+        verdict += (f" That is below the project's goal of 95%: the integer merge loses {100 * (1 - kept):.1f}% of the "
+                    "fine-tuning gain.")
     table = "\n".join(lines)
     gen_base = generate_answer(base, tok, INSTRUCTION)
     gen_export = generate_answer(exported, tok, INSTRUCTION)
