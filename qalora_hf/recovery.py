@@ -9,8 +9,8 @@ to match the trained model's next-token distribution on calibration rows:
 * scale-only tuning of a quantised model: PEQA (Kim et al. 2023, "Memory-Efficient Fine-Tuning of
   Compressed Large Language Models via sub-4-bit Integer Quantization", §3);
 * the objective is knowledge distillation (Hinton et al. 2015) from the trained model (adapters
-  unmerged) to the merged model, ``KL(p_teacher || p_student)`` restricted to the teacher's top-``k``
-  tokens per position (sparse distillation; the remaining teacher mass is dropped);
+  unmerged) to the merged model, ``KL(p_teacher || p_student)`` over the teacher's top-``k`` tokens per
+  position plus one outcome for all other tokens (sparse distillation, :func:`topk_kl`);
 * the fp16 rounding of the stored scales is in the forward pass (straight-through estimator,
   Bengio et al. 2013), so what is optimised is what lands on disk.
 
@@ -25,6 +25,7 @@ import math
 import random
 from dataclasses import dataclass
 from typing import Callable, Optional
+
 import torch
 from torch import nn
 
