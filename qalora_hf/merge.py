@@ -296,12 +296,14 @@ def _merge_layer(name: str, t: GPTQTensors, delta: torch.Tensor, strategy: str, 
     elif strategy != "round":
         raise ValueError(f"unknown merge strategy '{strategy}'; choose one of {STRATEGIES}.")
     merged = GPTQTensors(q=q_new, z=z_new, scales=s_new, g_idx=t.g_idx, bits=t.bits)
-    return q_new, z_new, s_new, _layer_report(name, t, merged, delta, hessian, clamped)
+    return q_new, z_new, s_new, _layer_report(name, t, merged, delta, hessian, clamped, target=target)
 
 
-def _layer_report(name: str, t: GPTQTensors, merged: GPTQTensors, delta: torch.Tensor, hessian: Optional[torch.Tensor], clamped: int) -> LayerMergeReport:
-    """Compare the merged integers ``merged`` with the target ``dequant(t) + dW`` (see :class:`LayerMergeReport`)."""
-    target = (t.dequantize() + delta[t.g_idx].t()).to(torch.float64)
+def _layer_report(name: str, t: GPTQTensors, merged: GPTQTensors, delta: torch.Tensor, hessian: Optional[torch.Tensor], clamped: int,
+                  target: Optional[torch.Tensor] = None) -> LayerMergeReport:
+    """Compare the merged integers ``merged`` with the target ``dequant(t) + dW`` [N, K] (see :class:`LayerMergeReport`;
+    ``target`` is computed when not given)."""
+    target = (t.dequantize() + delta[t.g_idx].t() if target is None else target).to(torch.float64)
     err = merged.dequantize().to(torch.float64) - target
     rel = None
     if hessian is not None:

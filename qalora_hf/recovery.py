@@ -122,7 +122,6 @@ class ScaleTunedLinear(nn.Module):
         super().__init__()
         t = read_layer(layer)
         self.layer = layer
-        self.bits = t.bits
         self.maxq = t.maxq
         dev = layer.qweight.device
         v_dtype = torch.int8 if t.bits < 8 else torch.int16  # q - z spans [-(2**bits - 1), 2**bits - 1]
