@@ -35,31 +35,29 @@ def alpaca_prompt_completion(row: dict) -> tuple[str, str]:
 @torch.no_grad()
 def completion_loss(model, tokenizer, pairs: Iterable[tuple[str, str]], max_length: int = 256, batch_size: int = 8) -> float:
     """Mean token cross-entropy (nats) of the completions given the prompts, the way TRL's
-    completion-only loss computes it (EOS appended to each completion, prompt tokens masked)."""
-    pairs = list(pairs)
+    completion-only loss computes it (EOS appended to each completion, prompt tokens masked).
+
+    Rows are batched in order of length (the mean over tokens does not depend on the order; padding
+    does cost time: about a third fewer padded positions on the Alpaca rows)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for prompt, completion in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(((p + c)[:max_length], ([-100] * len(p) + c)[:max_length]))
+    rows.sort(key=lambda r: len(r[0]))
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for i in range(0, len(pairs), batch_size):
-        ids, labels = [], []
-        for prompt, completion in pairs[i : i + batch_size]:
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            seq = (p + c)[:max_length]
-            lab = ([-100] * len(p) + c)[:max_length]
-            ids.append(seq)
-            labels.append(lab)
-        width = max(len(s) for s in ids)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in ids], device=device)
-        attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids], device=device)
-        lab = torch.tensor([s + [-100] * (width - len(s)) for s in labels], device=device)
-        logits = model(input_ids=input_ids, attention_mask=attn).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in chunk], device=device)
+        attn = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk], device=device)
+        lab = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk], device=device)
+        logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float()
         tgt = lab[:, 1:]
-        mask = tgt != -100
-        nll = -logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        total += float(nll[mask].sum())
-        count += int(mask.sum())
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum"))
+        count += int((tgt != -100).sum())
     return total / max(count, 1)
 
 
@@ -95,16 +93,19 @@ def mmlu_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 8, max_l
     correct = 0
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        seqs = [tokenizer(mmlu_prompt(r), add_special_tokens=False)["input_ids"][-max_length:] for r in chunk]
-        width = max(len(s) for s in seqs)
+    encoded = sorted(  # batched in order of length: same answers, fewer padded positions
+        ((tokenizer(mmlu_prompt(r), add_special_tokens=False)["input_ids"][-max_length:], r["correct_answer"]) for r in rows),
+        key=lambda e: len(e[0]),
+    )
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i : i + batch_size]
+        width = max(len(s) for s, _ in chunk)
         # left padding so the last position is the answer position for every row
-        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
-        attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-        logits = model(input_ids=input_ids, attention_mask=attn).logits[:, -1].float()
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s, _ in chunk], device=device)
+        attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s, _ in chunk], device=device)
+        logits = model(input_ids=input_ids, attention_mask=attn, logits_to_keep=1).logits[:, -1].float()
         pred = logits[:, letter_ids].argmax(-1).tolist()
-        correct += sum(MMLU_LETTERS[p] == r["correct_answer"] for p, r in zip(pred, chunk))
+        correct += sum(MMLU_LETTERS[p] == answer for p, (_, answer) in zip(pred, chunk))
     return correct / max(len(rows), 1)
 
 
