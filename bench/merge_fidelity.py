@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--holdout", type=int, default=99)
     ap.add_argument("--calibration", type=int, default=128, help="training rows for H = X^T X")
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--strategies", default="round,gptq,scales,distill", help="comma-separated; distill@N = distill with N steps")
+    ap.add_argument("--strategies", default="round,gptq,scales,distill", help="comma-separated; distill@N = distill with N steps, distill@N@LR also sets its learning rate")
     ap.add_argument("--distill-steps", type=int, default=32)
     ap.add_argument("--distill-lr", type=float, default=1.5e-2)
     ap.add_argument("--mmlu-per-topic", type=int, default=0, help="0 = skip MMLU")
@@ -122,11 +122,13 @@ def main(argv=None) -> int:
 
     shift_stats = None
     for name in [s for s in args.strategies.split(",") if s]:
-        strategy, _, steps = name.partition("@")  # "distill@64": the distill strategy with 64 steps
+        # "distill@64": the distill strategy with 64 steps; "distill@32@2e-3": 32 steps at distill_lr 2e-3
+        strategy, _, rest = name.partition("@")
+        steps, _, lr = rest.partition("@")
         model = copy.deepcopy(peft_model)
         t = time.time()
         merged, report = merge_qalora(model, strategy=strategy, hessians=hessians, teacher_targets=targets, progress=False,
-                                      distill_steps=int(steps or args.distill_steps), distill_lr=args.distill_lr)
+                                      distill_steps=int(steps or args.distill_steps), distill_lr=float(lr or args.distill_lr))
         seconds = time.time() - t
         with tempfile.TemporaryDirectory() as tmp:  # evaluate what lands on disk, reloaded
             export_gptq(merged, Path(tmp) / "m", tokenizer=tok)
