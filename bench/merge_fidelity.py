@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--strategies", default="round,gptq,scales,distill", help="comma-separated; distill@N = distill with N steps, distill@N@LR also sets its learning rate")
     ap.add_argument("--distill-steps", type=int, default=32)
-    ap.add_argument("--distill-lr", type=float, default=1.5e-2)
+    ap.add_argument("--distill-lr", type=lambda v: v if v == "auto" else float(v), default="auto", help="'auto' (merge_qalora's default) or a number")
     ap.add_argument("--mmlu-per-topic", type=int, default=0, help="0 = skip MMLU")
     ap.add_argument("--requant", action="store_true", help="also run the QLoRA-style float-merge + fresh GPTQ baseline")
     ap.add_argument("--label", default="")
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         model = copy.deepcopy(peft_model)
         t = time.time()
         merged, report = merge_qalora(model, strategy=strategy, hessians=hessians, teacher_targets=targets, progress=False,
-                                      distill_steps=int(steps or args.distill_steps), distill_lr=float(lr or args.distill_lr))
+                                      distill_steps=int(steps or args.distill_steps), distill_lr=float(lr) if lr else args.distill_lr)
         seconds = time.time() - t
         with tempfile.TemporaryDirectory() as tmp:  # evaluate what lands on disk, reloaded
             export_gptq(merged, Path(tmp) / "m", tokenizer=tok)

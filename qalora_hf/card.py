@@ -64,6 +64,7 @@ MERGE_LABELS = {
     "distill_kl_first": "top-k KL to the trained model, first distillation step (nats/token, calibration rows)",
     "distill_kl_last": "top-k KL to the trained model, last distillation step (nats/token, calibration rows)",
     "distill_scales_changed": "fp16 scales changed by the distillation",
+    "distill_lr": "scale-distillation peak learning rate (default: 2 x the median shift)",
 }
 
 

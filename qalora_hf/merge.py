@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from peft import PeftModel
@@ -50,6 +50,7 @@ from .gptq_format import GPTQTensors, read_layer, write_layer
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("round", "gptq", "scales", "distill")
+DISTILL_LR_PER_SHIFT = 2.0  # distill_lr="auto": peak lr = this * median |t| (see merge_qalora)
 
 
 @dataclass
@@ -352,7 +353,7 @@ def merge_qalora(
     hessians: Optional[dict[str, torch.Tensor]] = None,
     teacher_targets: Optional[list] = None,
     distill_steps: int = 32,
-    distill_lr: float = 1.5e-2,
+    distill_lr: Union[float, str] = "auto",
     distill_topk: int = 32,
 ):
     """Fold every QA-LoRA adapter into the integers of its GPTQ layer and drop the PEFT wrapper.
@@ -373,7 +374,14 @@ def merge_qalora(
         distill_steps / distill_lr / distill_topk: the ``"distill"`` phase (one calibration batch per
             step; peak Adam learning rate on the scale change in quantisation steps at the end of the code range;
             teacher tokens kept per position);
-            see :func:`qalora_hf.recovery.distill_scales`.
+            see :func:`qalora_hf.recovery.distill_scales`.  ``distill_lr="auto"`` (default) is
+            ``DISTILL_LR_PER_SHIFT * `` the median over layers of each layer's median ``|t|`` (the adapter's
+            shift in quantisation steps), floored at ``1e-4``: Adam moves every parameter by about the
+            learning rate per step whatever the gradient's size (Kingma & Ba 2015, sec. 2.1), so the step
+            must match the size of the correction.  Measured on SmolLM2-135M (README, merge fidelity): a
+            40-step lr-2e-4 adapter (median |t| 0.0085) kept 98.8 % at 1.5e-2; a 40-step lr-2e-5 adapter
+            (median |t| 0.0010) kept 95.5 % at 1.5e-2 and 98.0 % at 2e-3.  The learning rate used is in
+            ``report.distill["lr"]``.
 
     Returns:
         ``(merged_model, report)``: the plain transformers GPTQ model (no PEFT wrapper, no adapter
@@ -381,7 +389,8 @@ def merge_qalora(
 
     Raises:
         TypeError: ``model`` is not a ``PeftModel`` with QA-LoRA layers.
-        ValueError: unknown strategy, or a calibrated strategy without calibration.
+        ValueError: unknown strategy, a calibrated strategy without calibration, ``distill_steps < 1`` or a
+            ``distill_lr`` that is neither ``"auto"`` nor a positive number.
     """
     from .recovery import distill_scales, teacher_topk
 
@@ -400,6 +409,8 @@ def merge_qalora(
         )
     if strategy == "distill" and distill_steps < 1:
         raise ValueError(f"distill_steps={distill_steps}: the 'distill' strategy needs at least one step (or use strategy='scales').")
+    if strategy == "distill" and not (distill_lr == "auto" or (isinstance(distill_lr, (int, float)) and not isinstance(distill_lr, bool) and distill_lr > 0)):
+        raise ValueError(f"distill_lr={distill_lr!r}: pass 'auto' (scaled to the adapter's shifts) or a positive number such as 1.5e-2.")
 
     hessians = dict(hessians or {})
     targets = list(teacher_targets or [])
@@ -428,8 +439,10 @@ def merge_qalora(
         # would also swap modules_to_save back to their untrained originals).
         for module in layers.values():
             module.enable_adapters(False)
+        lr = float(distill_lr) if distill_lr != "auto" else max(DISTILL_LR_PER_SHIFT * report.totals["shift_abs_median"], 1e-4)
         try:
-            report.distill = distill_scales(model, [f"{n}.base_layer" for n in layers], targets, steps=distill_steps, lr=distill_lr, progress=progress)
+            report.distill = distill_scales(model, [f"{n}.base_layer" for n in layers], targets, steps=distill_steps, lr=lr, progress=progress)
+            report.distill["lr"] = lr
         finally:
             for module in layers.values():
                 module.enable_adapters(True)

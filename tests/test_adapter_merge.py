@@ -439,6 +439,35 @@ def test_distill_divergence_keeps_the_scales(load_tiny_gptq, calibration_batches
         assert all(torch.equal(a, b) for a, b in zip(tensors, out["distill"][n])), n
 
 
+def test_distill_auto_lr_follows_the_shift_size(load_tiny_gptq, calibration_batches):
+    """distill_lr="auto": peak lr = DISTILL_LR_PER_SHIFT * median over layers of each layer's median |D/s|,
+    recomputed here from the adapters before the merge; 10x smaller adapters get a 10x smaller lr."""
+    from qalora_hf.adapter import group_delta
+    from qalora_hf.merge import DISTILL_LR_PER_SHIFT, qalora_layers
+
+    lrs = {}
+    for shift_std in (0.3, 0.03):
+        pm = get_qalora_model(load_tiny_gptq(4, False, False), QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "down_proj"]))
+        randomize_adapters(pm, seed=3, shift_std=shift_std)
+        medians = sorted(float((group_delta(m) / m.get_base_layer().scales.float()).abs().median()) for m in qalora_layers(pm).values())
+        expected = DISTILL_LR_PER_SHIFT * medians[len(medians) // 2]
+        _, report = merge_qalora(pm, strategy="distill", calibration=calibration_batches, progress=False, distill_steps=2)
+        assert report.distill["lr"] == pytest.approx(expected, rel=1e-3)
+        assert report.totals["distill_lr"] == report.distill["lr"]
+        lrs[shift_std] = report.distill["lr"]
+    assert lrs[0.03] == pytest.approx(lrs[0.3] / 10, rel=0.2)
+
+
+@pytest.mark.parametrize("bad", ["fast", 0.0, -1e-3, True])
+def test_distill_lr_rejected_before_any_work(bad, load_tiny_gptq):
+    pm = get_qalora_model(load_tiny_gptq(4, False, False), QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"]))
+    randomize_adapters(pm, seed=5, shift_std=0.3)
+    before = {n: l.scales.clone() for n, l in gptq_layers(pm).items()}
+    with pytest.raises(ValueError, match="distill_lr"):
+        merge_qalora(pm, strategy="distill", calibration=[], distill_lr=bad, hessians={"x": torch.eye(2)}, teacher_targets=[object()])
+    assert all(torch.equal(l.scales, before[n]) for n, l in gptq_layers(pm).items())
+
+
 def test_scale_only_matmul_gradients():
     """recovery._ScaleOnlyMatmul against autograd through the dense weight (float64, act-order g_idx, 8-bit range)."""
     from qalora_hf.recovery import _ScaleOnlyMatmul
