@@ -53,9 +53,9 @@ def completion_loss(model, tokenizer, pairs: Iterable[tuple[str, str]], max_leng
         width = max(len(ids) for ids, _ in chunk)
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in chunk], device=device)
         attn = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk], device=device)
-        lab = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk], device=device)
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk], device=device)
         logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float()
-        tgt = lab[:, 1:]
+        tgt = labels[:, 1:]
         total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum"))
         count += int((tgt != -100).sum())
     return total / max(count, 1)

@@ -223,14 +223,13 @@ class QALoraTrainer(SFTTrainer):
 
     def _batches(self, dataset, indices, batch_size: int = 8):
         """Collated batches of ``dataset[indices]``, rows grouped by length (about a third fewer padded
-        positions on Alpaca than in the given order; the merge's statistics and the held-out mean loss do
-        not depend on the grouping, and the distillation visits the batches in shuffled order)."""
+        positions on Alpaca than in the given order; ``H`` and the held-out mean loss do not depend on the
+        grouping; the distillation visits the batches in shuffled order)."""
         keep = ("input_ids", "attention_mask", "labels", "position_ids")
         device = next(self.model.parameters()).device
-        indices = sorted(indices, key=lambda j: len(dataset[j]["input_ids"]))
-        for i in range(0, len(indices), batch_size):
-            rows = [dataset[j] for j in indices[i : i + batch_size]]
-            batch = self.data_collator(rows)
+        rows = sorted((dataset[j] for j in indices), key=lambda r: len(r["input_ids"]))
+        for i in range(0, len(rows), batch_size):
+            batch = self.data_collator(rows[i : i + batch_size])
             yield {k: v.to(device) for k, v in batch.items() if k in keep}
 
     @torch.no_grad()
