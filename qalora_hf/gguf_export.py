@@ -1,0 +1,932 @@
+"""Lossless GGUF ``Q4_1`` export of a (merged) GPTQ 4-bit model, for llama.cpp / ollama / LM Studio.
+
+A GPTQ asymmetric 4-bit group is a GGUF ``Q4_1`` block (``ggml-common.h``, ``block_q4_1``; see
+docs/gguf.md).  Per 32 consecutive weights of one output row a ``Q4_1`` block stores fp16 ``d``, fp16 ``m``
+and 16 bytes ``qs`` with ``w[j] = (qs[j] & 0xF) * d + m`` and ``w[j + 16] = (qs[j] >> 4) * d + m``.
+GPTQ dequantises ``W[o, i] = s[l, o] * (q[i, o] - z[l, o])`` with ``l = g_idx[i]``; so with act-order off
+and a group size that is a multiple of 32 (or -1), every block lies in one group and
+
+    d = s[l, o]            (exact: the GPTQ scale is already fp16)
+    m = fp16(-s[l, o] * z[l, o])   (one rounding, under 1 % of a quantisation step)
+    qs = the GPTQ codes q[i, o], unchanged.
+
+Everything that is not a quantised linear weight (hyperparameters, tokenizer, chat template, tensor
+names, the q/k row permutation of Llama, embeddings, norms, an unquantised ``lm_head``) is written by
+**llama.cpp's own converter** (``convert_hf_to_gguf.py`` and its ``conversion/`` package, with its own
+``gguf-py``), run unmodified in a subprocess.  We subclass the converter's model class for the
+architecture and change three things only: (1) instead of dequantising GPTQ, each GPTQ layer's weight
+enters the converter as its pre-packed ``Q4_1`` rows (uint8 values carried in a float32 tensor, so every
+row operation of the converter, such as Llama's q/k head permutation, moves whole blocks unchanged);
+(2) those tensors leave it as ``Q4_1`` bytes instead of being quantised again; (3) ``general.file_type``
+says ``MOSTLY_Q4_1``.  The converter is not on PyPI on its own; :func:`llama_cpp_converter` takes it from
+the pinned ``llama-cpp-python`` sdist on PyPI (sha256-checked, cached), or from a llama.cpp checkout.
+
+Public API: :func:`export_gguf`, :func:`pack_q4_1`, :func:`read_gptq_layers`, :func:`check_gguf`,
+:func:`reference_gguf`, :func:`compare_with_reference`, :func:`llama_cpp_completion_loss`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+logger = logging.getLogger(__name__)
+
+QK4_1 = 32  # weights per Q4_1 block (ggml-common.h)
+Q4_1_BLOCK_BYTES = 20  # fp16 d + fp16 m + 16 bytes of nibbles
+FLOAT_TYPES = ("auto", "f32", "f16", "bf16")
+
+# llama.cpp's converter as shipped in the llama-cpp-python sdist on PyPI (llama.cpp commit 0c1e57098).
+CONVERTER_REQUIREMENT = "llama-cpp-python==0.3.36"
+CONVERTER_SDIST = "llama_cpp_python-0.3.36.tar.gz"
+CONVERTER_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+CONVERTER_COMMIT = "0c1e57098"
+_SDIST_ROOT = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+_CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "LICENSE", "conversion/", "gguf-py/gguf/")
+CONVERTER_ENV_VAR = "QALORA_HF_LLAMA_CPP_DIR"
+
+LLAMA_INSTALL_HINT = (
+    'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF '
+    '-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" '
+    "pip install 'qalora-hf[llama]'   (or: make install-llama)"
+)
+
+WHAT_EXPORTS = (
+    "GGUF Q4_1 holds exactly: GPTQ bits=4, desc_act=False (no act-order), group_size -1 or a multiple of 32, "
+    "every quantised layer's in_features a multiple of 32"
+)
+
+
+class GGUFExportError(ValueError):
+    """The model cannot be written as a lossless GGUF Q4_1 file; the message says what would export."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Q4_1 packing (our part: exact integers in, exact blocks out)
+
+
+def pack_q4_1(q, z, scales, g_idx, name: str = "layer"):
+    """Pack one GPTQ 4-bit layer into GGUF ``Q4_1`` rows, without re-quantising.
+
+    Args:
+        q: integer codes ``[K, N]`` in ``[0, 15]`` (``in_features`` x ``out_features``; torch or numpy).
+        z: v2 zero-points (the real ``z``) ``[G, N]`` in ``[0, 15]``.
+        scales: ``[G, N]`` fp16 scales (any float dtype holding fp16 values).
+        g_idx: ``[K]`` group of each input channel.
+        name: layer name for error messages.
+
+    Returns:
+        numpy uint8 ``[N, K // 32 * 20]``: row ``o`` holds the ``K / 32`` ``block_q4_1`` of output row
+        ``o`` (``d`` fp16 = ``s``, ``m`` fp16 = ``-s * z`` rounded once, ``qs[j] = q[j] | q[j + 16] << 4``),
+        the byte layout ``gguf.GGUFWriter.add_tensor(..., raw_dtype=Q4_1)`` takes.
+
+    Raises:
+        GGUFExportError: ``K`` not a multiple of 32, a block of 32 input channels spanning two groups
+            (act-order, or a group size that is not a multiple of 32), or a code outside ``[0, 15]``.
+    """
+    import numpy as np
+    import torch
+
+    q = torch.as_tensor(q).to(torch.int64)
+    z = torch.as_tensor(z).to(torch.int64)
+    s = torch.as_tensor(scales).to(torch.float32)
+    g = torch.as_tensor(g_idx).to(torch.int64)
+    k, n = q.shape
+    if k % QK4_1:
+        raise GGUFExportError(f"{name}: in_features={k} is not a multiple of {QK4_1}; {WHAT_EXPORTS}.")
+    if tuple(g.shape) != (k,) or tuple(z.shape) != tuple(s.shape) or s.shape[1] != n:
+        raise GGUFExportError(f"{name}: inconsistent shapes q {tuple(q.shape)}, z {tuple(z.shape)}, scales {tuple(s.shape)}, g_idx {tuple(g.shape)}.")
+    blocks_g = g.view(k // QK4_1, QK4_1)
+    if not bool((blocks_g == blocks_g[:, :1]).all()):
+        raise GGUFExportError(
+            f"{name}: some block of {QK4_1} consecutive input channels spans several GPTQ groups (act-order, or a group size "
+            f"that is not a multiple of {QK4_1}), so no Q4_1 block can hold it exactly; {WHAT_EXPORTS}."
+        )
+    for what, t in (("codes", q), ("zero-points", z)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) > 15):
+            raise GGUFExportError(f"{name}: {what} outside [0, 15]; not a 4-bit GPTQ layer.")
+    if not bool((s.half().float() == s).all()):
+        raise GGUFExportError(f"{name}: scales are not fp16 values; GPTQ stores fp16 scales.")
+    gb = blocks_g[:, 0]  # group of each block, [K/32]
+    d = s[gb].t().contiguous()  # [N, K/32]
+    m = (-(s * z.to(torch.float32)))[gb].t().contiguous()  # s*z is exact in fp32 (11-bit mantissa x 4-bit integer)
+    codes = q.t().reshape(n, k // QK4_1, QK4_1).to(torch.uint8)  # [N, K/32, 32]
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    out = np.concatenate(
+        [
+            d.half().numpy().view(np.uint8).reshape(n, k // QK4_1, 2),
+            m.half().numpy().view(np.uint8).reshape(n, k // QK4_1, 2),
+            qs.numpy(),
+        ],
+        axis=-1,
+    )
+    return np.ascontiguousarray(out.reshape(n, k // QK4_1 * Q4_1_BLOCK_BYTES))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a GPTQ export directory (v1 qzeros on disk -> v2 with gptqmodel's own converter)
+
+
+@dataclass
+class GPTQLayerInts:
+    """The integers of one GPTQ layer read from disk: ``q`` [K, N], ``z`` (v2) [G, N], ``scales`` fp16 [G, N], ``g_idx`` [K]."""
+
+    q: Any
+    z: Any
+    scales: Any
+    g_idx: Any
+
+    def dequantize(self):
+        """float32 ``W[o, i] = s[g_idx[i], o] * (q[i, o] - z[g_idx[i], o])``, shape ``[N, K]``."""
+        import torch
+
+        g = self.g_idx.to(torch.int64)
+        return (self.scales.float()[g] * (self.q - self.z[g]).float()).t().contiguous()
+
+
+def _qzeros_v1_to_v2(qzeros, bits: int):
+    """Packed v1 ``qzeros`` (``checkpoint_format="gptq"``, z - 1 with word arithmetic) -> v2 (real z),
+    with gptqmodel's own ``convert_gptq_v1_to_v2_format_module`` (the inverse of what export_gptq wrote)."""
+    import torch
+    from gptqmodel.nn_modules.qlinear import PackableQuantLinear
+    from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
+
+    holder = PackableQuantLinear.__new__(PackableQuantLinear)
+    torch.nn.Module.__init__(holder)
+    holder.qzeros = torch.nn.Parameter(qzeros.clone(), requires_grad=False)
+    holder.bits = bits
+    holder.pack_dtype = torch.int32
+    holder.planar = False
+    holder._qzeros_format = 1
+    convert_gptq_v1_to_v2_format_module(holder, bits=bits, pack_dtype=torch.int32)
+    return holder.qzeros.data
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise GGUFExportError(f"{path} holds no *.safetensors; pass a directory written by export_gptq / 'qalora-hf merge'.")
+    return files
+
+
+def _tensor_index(path: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    index = {}
+    for f in _safetensors_files(path):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                index[key] = f
+    return index
+
+
+def _check_quantization_config(config: dict, where: str) -> dict:
+    qc = config.get("quantization_config")
+    if not qc:
+        raise GGUFExportError(
+            f"{where} is a float model (no quantization_config): this export writes GPTQ integers as Q4_1 without "
+            "re-quantising. Quantise and merge first (QALoraTrainer / 'qalora-hf merge'); a float model goes through "
+            "llama.cpp's own convert_hf_to_gguf.py."
+        )
+    method = str(qc.get("quant_method", "")).lower().replace("quantizationmethod.", "")
+    if method != "gptq":
+        raise GGUFExportError(f"{where} is quantised with {method!r}, not GPTQ; {WHAT_EXPORTS}.")
+    bits, desc_act, group_size = int(qc.get("bits", 0)), bool(qc.get("desc_act", False)), int(qc.get("group_size", -1))
+    if bits != 4:
+        raise GGUFExportError(
+            f"{where}: bits={bits}; GGUF has no type that holds {bits}-bit GPTQ integers exactly (Q4_1 holds 4 bits). "
+            f"{WHAT_EXPORTS}. Refusing rather than re-quantising."
+        )
+    if desc_act:
+        raise GGUFExportError(
+            f"{where}: desc_act=True (act-order): a GPTQ group is then scattered over the input channels, and a Q4_1 block "
+            f"needs 32 consecutive channels of one group. {WHAT_EXPORTS}."
+        )
+    if group_size != -1 and (group_size <= 0 or group_size % QK4_1):
+        raise GGUFExportError(f"{where}: group_size={group_size} is not a multiple of {QK4_1}; {WHAT_EXPORTS}.")
+    fmt = qc.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise GGUFExportError(f"{where}: checkpoint_format={fmt!r}; expected 'gptq' (v1) or 'gptq_v2'.")
+    return qc
+
+
+def check_gptq_dir(path: str | os.PathLike) -> dict:
+    """Check, before any work, that ``path`` is a GPTQ export that maps exactly onto Q4_1.
+
+    Reads ``config.json`` and the safetensors headers and ``g_idx`` tensors only.
+
+    Returns:
+        ``{"config": config.json dict, "layers": {prefix: (in_features, out_features)}}``.
+
+    Raises:
+        GGUFExportError: not a directory with config.json, an adapter directory (merge first), a float
+            model, bits != 4, act-order, a group size not a multiple of 32, a layer with ``in_features``
+            not a multiple of 32, or ``g_idx`` blocks spanning two groups.
+    """
+    import torch
+    from safetensors import safe_open
+
+    path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise GGUFExportError(
+            f"{path} is an adapter directory (adapter_config.json, no config.json): merge it into its GPTQ base first with "
+            "merge_qalora / 'qalora-hf merge --base ... --adapter ...', then export the merged directory."
+        )
+    if not (path / "config.json").is_file():
+        raise GGUFExportError(f"{path}: no config.json; pass a GPTQ export directory (export_gptq / 'qalora-hf merge').")
+    config = json.loads((path / "config.json").read_text())
+    _check_quantization_config(config, str(path))
+    index = _tensor_index(path)
+    lora = [k for k in index if "lora_" in k]
+    if lora:
+        raise GGUFExportError(f"{path} holds adapter tensors ({lora[0]}); merge first with merge_qalora.")
+    layers = {}
+    for key in sorted(index):
+        if not key.endswith(".qweight"):
+            continue
+        prefix = key[: -len(".qweight")]
+        missing = [s for s in (".qzeros", ".scales", ".g_idx") if prefix + s not in index]
+        if missing:
+            raise GGUFExportError(f"{path}: {prefix} has qweight but no {missing[0]}.")
+        with safe_open(str(index[prefix + ".g_idx"]), framework="pt") as st:
+            g_idx = st.get_tensor(prefix + ".g_idx").to(torch.int64)
+        with safe_open(str(index[key]), framework="pt") as st:
+            out_features = st.get_slice(key).get_shape()[1]
+        k = int(g_idx.numel())
+        if k % QK4_1:
+            raise GGUFExportError(f"{prefix}: in_features={k} is not a multiple of {QK4_1}; {WHAT_EXPORTS}.")
+        blocks = g_idx.view(-1, QK4_1)
+        if not bool((blocks == blocks[:, :1]).all()):
+            raise GGUFExportError(f"{prefix}: g_idx puts one block of {QK4_1} input channels into several groups (act-order?); {WHAT_EXPORTS}.")
+        layers[prefix] = (k, int(out_features))
+    if not layers:
+        raise GGUFExportError(f"{path} has a GPTQ quantization_config but no qweight tensors.")
+    return {"config": config, "layers": layers}
+
+
+def read_gptq_layers(path: str | os.PathLike, prefixes: Optional[Iterable[str]] = None) -> Iterable[tuple[str, GPTQLayerInts]]:
+    """Yield ``(prefix, GPTQLayerInts)`` for each GPTQ layer of an export directory, zero-points in v2.
+
+    ``qweight``/``qzeros`` are unpacked with :func:`qalora_hf.gptq_format.unpack`; v1 ``qzeros``
+    (``checkpoint_format: "gptq"``) are first converted with gptqmodel's own v1 -> v2 conversion.
+    """
+    from safetensors import safe_open
+
+    from .gptq_format import unpack
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    qc = config["quantization_config"]
+    bits = int(qc["bits"])
+    v1 = qc.get("checkpoint_format", "gptq") == "gptq"
+    index = _tensor_index(path)
+    wanted = sorted(k[: -len(".qweight")] for k in index if k.endswith(".qweight")) if prefixes is None else list(prefixes)
+
+    def get(key):
+        with safe_open(str(index[key]), framework="pt") as st:
+            return st.get_tensor(key)
+
+    for prefix in wanted:
+        qweight, qzeros, scales, g_idx = (get(prefix + s) for s in (".qweight", ".qzeros", ".scales", ".g_idx"))
+        if v1:
+            qzeros = _qzeros_v1_to_v2(qzeros, bits)
+        k, n = g_idx.numel(), scales.shape[1]
+        q = unpack(qweight, bits, dim=0)[:k, :n]
+        z = unpack(qzeros, bits, dim=1)[:, :n]
+        yield prefix, GPTQLayerInts(q=q, z=z, scales=scales, g_idx=g_idx)
+
+
+# --------------------------------------------------------------------------------------------------
+# llama.cpp's converter: where it comes from
+
+
+def _converter_ok(path: Path) -> bool:
+    return all((path / p).exists() for p in ("convert_hf_to_gguf.py", "conversion/__init__.py", "gguf-py/gguf/__init__.py"))
+
+
+def llama_cpp_converter(converter_dir: Optional[str | os.PathLike] = None, cache_dir: Optional[str | os.PathLike] = None) -> Path:
+    """The directory of llama.cpp's ``convert_hf_to_gguf.py`` + ``conversion/`` + ``gguf-py/`` to run.
+
+    In order: ``converter_dir``; ``$QALORA_HF_LLAMA_CPP_DIR`` (e.g. a llama.cpp checkout, for architectures
+    newer than the pinned converter); the cached copy ``<cache>/llama.cpp/<commit>``; else the pinned
+    ``llama-cpp-python`` sdist is downloaded with ``pip download`` (PyPI, sha256-checked; about 76 MB once)
+    and those files are extracted into the cache.
+
+    Raises:
+        FileNotFoundError: ``converter_dir`` / the env var points at a directory without the converter.
+        qalora_hf.fetch.FetchError: the download failed or did not verify.
+    """
+    from . import fetch
+
+    explicit = converter_dir or os.environ.get(CONVERTER_ENV_VAR)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not _converter_ok(path):
+            raise FileNotFoundError(
+                f"{path} is not a llama.cpp source tree (needs convert_hf_to_gguf.py, conversion/ and gguf-py/gguf/)."
+            )
+        return path
+    cache = Path(cache_dir) if cache_dir else fetch.default_cache_dir()
+    target = cache / "llama.cpp" / CONVERTER_COMMIT
+    if _converter_ok(target):
+        return target
+    import tarfile
+
+    with fetch._cache_lock(cache):
+        if _converter_ok(target):
+            return target
+        with fetch._scratch_dir(cache) as scratch:
+            package = fetch.Package(CONVERTER_REQUIREMENT, CONVERTER_SDIST, sdist=True)
+            fetch._log(f"downloading llama.cpp's converter ({CONVERTER_REQUIREMENT} sdist, llama.cpp {CONVERTER_COMMIT}) with pip ...")
+            sdist = fetch._pip_download(package, scratch)
+            fetch.verify_sha256(sdist, CONVERTER_SDIST_SHA256, CONVERTER_SDIST)
+            staged = scratch / "converter"
+            with tarfile.open(sdist, "r:gz") as tf:
+                for member in tf:
+                    rel = member.name[len(_SDIST_ROOT):] if member.name.startswith(_SDIST_ROOT) else None
+                    if rel is None or not member.isfile() or not any(rel == m or rel.startswith(m) for m in _CONVERTER_MEMBERS):
+                        continue
+                    if ".." in Path(rel).parts:
+                        continue
+                    dest = staged / rel
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with tf.extractfile(member) as src, open(dest, "wb") as out:
+                        shutil.copyfileobj(src, out)
+            (staged / "SOURCE.txt").write_text(
+                f"llama.cpp {CONVERTER_COMMIT} (MIT, see LICENSE), extracted from {CONVERTER_SDIST} "
+                f"(sha256 {CONVERTER_SDIST_SHA256}) by qalora_hf.gguf_export.\n"
+            )
+            if not _converter_ok(staged):
+                raise fetch.FetchError(f"{CONVERTER_SDIST} did not contain llama.cpp's converter under {_SDIST_ROOT}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fetch._replace_dir(staged, target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# The converter run (in a subprocess, so that llama.cpp's own gguf-py is the one imported)
+
+
+def _run_converter(spec: dict, converter: Path) -> None:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("GPTQMODEL_CPU_WORKERS", "1")
+    spec = dict(spec, converter=str(converter))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+        spec_path = f.name
+    try:
+        result = subprocess.run([sys.executable, "-m", "qalora_hf.gguf_export", "--convert", spec_path], env=env,
+                                capture_output=True, text=True)
+    finally:
+        os.unlink(spec_path)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-25:])
+        marker = "GGUFExportError: "
+        for line in reversed(tail.splitlines()):
+            if line.startswith(marker):
+                raise GGUFExportError(line[len(marker):])
+        raise RuntimeError(f"llama.cpp's converter failed (exit {result.returncode}):\n{tail}")
+    for line in result.stderr.splitlines():
+        if "WARNING" in line:
+            logger.warning("converter: %s", line)
+
+
+def _converter_main(spec_path: str) -> None:  # runs in the subprocess
+    spec = json.loads(Path(spec_path).read_text())
+    converter = Path(spec["converter"])
+    sys.path.insert(0, str(converter / "gguf-py"))  # llama.cpp's own gguf-py, matching its converter
+    sys.path.insert(0, str(converter))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    import numpy as np
+    import torch
+
+    import gguf
+    from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
+
+    dir_model = Path(spec["dir_model"])
+    packed_file = spec.get("packed_file")
+    packed: dict[str, np.ndarray] = {}
+    if packed_file:
+        from safetensors.numpy import load_file
+
+        packed = load_file(packed_file)  # {"<prefix>.weight": uint8 [N, K/32*20]}
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16}[spec["float_type"]]
+    hparams = ModelBase.load_hparams(dir_model, False)
+    arch = get_model_architecture(hparams, ModelType.TEXT)
+    try:
+        base_cls = get_model_class(arch)
+    except NotImplementedError:
+        raise GGUFExportError(f"llama.cpp's converter ({spec['converter']}) does not support the architecture {arch}.") from None
+    tokenizer_pre = spec.get("tokenizer_pre")
+    # Integer fingerprint of a row of bytes: the multiset of row fingerprints going in must come out, so any
+    # converter step that is not a pure row reorder/split/concat of the packed weights is caught.
+    rng = np.random.default_rng(0)
+    weights = {}
+
+    def fingerprints(t: "torch.Tensor") -> list[int]:
+        rows = t.reshape(-1, t.shape[-1]).to(torch.int64)
+        w = weights.get(rows.shape[1])
+        if w is None:
+            w = weights[rows.shape[1]] = torch.from_numpy(rng.integers(1, 1 << 20, size=rows.shape[1], dtype=np.int64))
+        return (rows * w).sum(1).tolist()
+
+    class Q41(base_cls):  # type: ignore[misc, valid-type]
+        model_arch = base_cls.model_arch
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._packed_out: set[str] = set()
+            self._fp_in: list[int] = []
+            self._fp_out: list[int] = []
+            writer_add = self.gguf_writer.add_tensor
+
+            def add_tensor(name, tensor, raw_shape=None, raw_dtype=None, tensor_endianess=None):
+                if name in self._packed_out:
+                    if tensor.dtype != np.float32 or tensor.shape[-1] % Q4_1_BLOCK_BYTES:
+                        raise GGUFExportError(f"{name}: the converter changed the packed Q4_1 rows ({tensor.dtype}, {tensor.shape}).")
+                    raw = tensor.astype(np.uint8)
+                    if not np.array_equal(raw.astype(np.float32), tensor):
+                        raise GGUFExportError(f"{name}: the converter changed the values of the packed Q4_1 rows (architecture {arch}).")
+                    tensor, raw_dtype = raw, gguf.GGMLQuantizationType.Q4_1
+                writer_add(name, tensor, raw_shape=raw_shape, raw_dtype=raw_dtype, tensor_endianess=tensor_endianess)
+
+            self.gguf_writer.add_tensor = add_tensor
+
+        def dequant_model(self):
+            if not packed:
+                return super().dequant_model()
+            for prefix_weight, rows in packed.items():
+                prefix = prefix_weight[: -len(".weight")]
+                for suffix in (".qweight", ".qzeros", ".scales", ".g_idx"):
+                    self.model_tensors.pop(prefix + suffix, None)
+                self.model_tensors[prefix_weight] = lambda rows=rows: torch.from_numpy(rows.astype(np.float32))
+            left = [k for k in self.model_tensors if k.endswith((".qweight", ".qzeros", ".g_idx"))]
+            if left:
+                raise GGUFExportError(f"GPTQ tensor {left[0]} was not packed.")
+
+        def modify_tensors(self, data_torch, name, bid):
+            out = list(super().modify_tensors(data_torch, name, bid))
+            if name in packed:
+                self._fp_in += fingerprints(data_torch)
+                for new_name, t in out:
+                    if t.ndim < 2 or t.shape[-1] % Q4_1_BLOCK_BYTES:
+                        raise GGUFExportError(f"{name} -> {new_name}: the {arch} converter reshapes this weight along its "
+                                              "input dimension, which Q4_1 rows cannot follow.")
+                    self._packed_out.add(new_name)
+                    self._fp_out += fingerprints(t)
+            else:
+                clash = [n for n, _ in out if n in self._packed_out]
+                if clash:
+                    raise GGUFExportError(f"{clash[0]}: the {arch} converter mixes a packed weight with {name}.")
+            return out
+
+        def tensor_force_quant(self, name, new_name, bid, n_dims):
+            if new_name in self._packed_out:
+                return gguf.GGMLQuantizationType.F32  # kept as is here; written as Q4_1 bytes by add_tensor
+            return super().tensor_force_quant(name, new_name, bid, n_dims)
+
+        def prepare_metadata(self, vocab_only):
+            if packed:
+                if sorted(self._fp_in) != sorted(self._fp_out) or len(self._fp_in) != sum(r.shape[0] for r in packed.values()):
+                    raise GGUFExportError(f"the {arch} converter did not pass every packed Q4_1 row through unchanged.")
+                self.ftype = gguf.LlamaFileType.MOSTLY_Q4_1
+            super().prepare_metadata(vocab_only)
+
+        def get_vocab_base_pre(self, tokenizer):
+            if tokenizer_pre:
+                return tokenizer_pre
+            try:
+                return super().get_vocab_base_pre(tokenizer)
+            except NotImplementedError:
+                raise GGUFExportError(
+                    "llama.cpp's converter does not recognise this tokenizer's BPE pre-tokenizer (its hash is not in "
+                    "get_vocab_base_pre); pass tokenizer_pre=<name> (--tokenizer-pre), e.g. 'gpt2' for GPT-2's byte-level "
+                    "split, or use a newer llama.cpp converter (converter_dir / $" + CONVERTER_ENV_VAR + ")."
+                ) from None
+
+    with torch.inference_mode():
+        model = Q41(dir_model, ftype, Path(spec["out_path"]), eager=True, model_name=spec.get("model_name"))
+        model.write()
+
+
+def _write_packed(layers: dict[str, Any], path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({f"{prefix}.weight": rows for prefix, rows in layers.items()}, str(path))
+
+
+def _auto_float_type(path: Path, gptq_prefixes: Iterable[str]) -> str:
+    """f16 / bf16 if every unquantised float tensor of the checkpoint is exactly representable in it, else f32."""
+    import torch
+    from safetensors import safe_open
+
+    skip = tuple(f"{p}." for p in gptq_prefixes)
+    ok = {"f16": True, "bf16": True}
+    for f in _safetensors_files(path):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if key.startswith(skip):
+                    continue
+                t = st.get_tensor(key)
+                if not t.is_floating_point():
+                    continue
+                t = t.float()
+                ok["f16"] = ok["f16"] and bool((t.half().float() == t).all())
+                ok["bf16"] = ok["bf16"] and bool((t.bfloat16().float() == t).all())
+    return "f16" if ok["f16"] else "bf16" if ok["bf16"] else "f32"
+
+
+def _check_output(output_path: str | os.PathLike, overwrite: bool) -> Path:
+    target = Path(output_path).expanduser().absolute()
+    if target.suffix != ".gguf":
+        raise GGUFExportError(f"{output_path}: the output file name must end in .gguf.")
+    if target.is_dir():
+        raise GGUFExportError(f"{output_path} is a directory; pass a file path ending in .gguf.")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it.")
+    return target
+
+
+def _check_model(model) -> None:
+    """Refuse an in-memory model that cannot be exported, before any work."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise GGUFExportError(
+            "the model still holds adapters (a PeftModel / LoRA layers): merge first with "
+            "qalora_hf.merge_qalora(model), then export the merged model."
+        )
+    config = getattr(model, "config", None)
+    qc = getattr(config, "quantization_config", None)
+    _check_quantization_config({"quantization_config": qc if qc is None or isinstance(qc, dict) else qc.to_dict()}, type(model).__name__)
+    from .model import gptq_layers
+
+    layers = gptq_layers(model)
+    if not layers:
+        raise GGUFExportError("the model has a GPTQ quantization_config but no gptqmodel quantised layers.")
+    for name, layer in layers.items():
+        if int(layer.bits) != 4:
+            raise GGUFExportError(f"{name}: bits={layer.bits}; {WHAT_EXPORTS}.")
+        if layer.in_features % QK4_1:
+            raise GGUFExportError(f"{name}: in_features={layer.in_features} is not a multiple of {QK4_1}; {WHAT_EXPORTS}.")
+        g = layer.g_idx.detach().cpu().to(int).view(-1, QK4_1)
+        if not bool((g == g[:, :1]).all()):
+            raise GGUFExportError(f"{name}: g_idx puts one block of {QK4_1} input channels into several groups (act-order?); {WHAT_EXPORTS}.")
+
+
+def export_gguf(
+    source,
+    output_path: str | os.PathLike,
+    *,
+    tokenizer=None,
+    float_type: str = "auto",
+    tokenizer_pre: Optional[str] = None,
+    model_name: Optional[str] = None,
+    overwrite: bool = False,
+    converter_dir: Optional[str | os.PathLike] = None,
+    check: bool = True,
+) -> Path:
+    """Write a merged GPTQ 4-bit model as one GGUF file whose linear weights are exact ``Q4_1`` blocks.
+
+    Args:
+        source: a GPTQ export directory (``export_gptq`` / ``qalora-hf merge`` output; v1 or v2 zero-points),
+            or an in-memory merged GPTQ model (``transformers`` + gptqmodel); the latter is first written
+            with :func:`qalora_hf.export_gptq` to a temporary directory, so ``tokenizer`` is then required.
+        output_path: the ``.gguf`` file to write; written to a temporary file beside it and renamed into
+            place when complete.
+        tokenizer: the tokenizer (only for an in-memory model).
+        float_type: type of the tensors that are not GPTQ-quantised (embeddings, an unquantised lm_head;
+            norms and biases are always F32, as llama.cpp's converter writes them): ``"auto"`` (default:
+            ``f16``/``bf16`` when every such tensor is exactly representable there, else ``f32``: lossless),
+            or ``"f32"``, ``"f16"``, ``"bf16"`` (the converter's ``--outtype``).
+        tokenizer_pre: ``tokenizer.ggml.pre`` to write when llama.cpp's converter does not recognise the
+            tokenizer's BPE pre-tokenizer (default: its own detection).
+        model_name: ``general.name`` (default: the converter's, from the model card / directory name).
+        overwrite: replace an existing ``output_path``.
+        converter_dir: a llama.cpp source tree to take the converter from (see :func:`llama_cpp_converter`).
+        check: after writing, decode every Q4_1 tensor with gguf-py and compare it with the GPTQ
+            integers (:func:`check_gguf`); the file is renamed into place only if that passes.
+
+    Returns:
+        ``Path(output_path)``.
+
+    Raises:
+        GGUFExportError: before anything is written, for a model holding adapters ("merge first"), a float
+            model, bits != 4, act-order, a group size not a multiple of 32, an ``in_features`` not a
+            multiple of 32, an architecture whose converter transforms linear weights other than by
+            moving whole rows, or an unrecognised BPE pre-tokenizer (pass ``tokenizer_pre``).
+        FileExistsError: ``output_path`` exists and ``overwrite`` is False.
+    """
+    if float_type not in FLOAT_TYPES:
+        raise GGUFExportError(f"float_type={float_type!r}; choose one of {FLOAT_TYPES}.")
+    target = _check_output(output_path, overwrite)
+    with tempfile.TemporaryDirectory(prefix="qalora-gguf-") as scratch:
+        scratch = Path(scratch)
+        if isinstance(source, (str, os.PathLike)):
+            src = Path(source).expanduser()
+            if not src.is_dir():
+                raise GGUFExportError(f"{source}: no such directory; pass a GPTQ export directory or a merged model.")
+            info = check_gptq_dir(src)
+        else:
+            _check_model(source)
+            if tokenizer is None:
+                raise GGUFExportError("exporting an in-memory model needs its tokenizer (tokenizer=...): the GGUF holds the vocabulary.")
+            from .export import export_gptq
+
+            src = export_gptq(source, scratch / "gptq", tokenizer=tokenizer)
+            info = check_gptq_dir(src)
+        converter = llama_cpp_converter(converter_dir)
+        chosen = _auto_float_type(src, info["layers"]) if float_type == "auto" else float_type
+        packed = {prefix: pack_q4_1(t.q, t.z, t.scales, t.g_idx, prefix) for prefix, t in read_gptq_layers(src, info["layers"])}
+        _write_packed(packed, scratch / "packed.safetensors")
+        del packed
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            _run_converter({"dir_model": str(src), "packed_file": str(scratch / "packed.safetensors"), "out_path": str(tmp),
+                            "float_type": chosen, "tokenizer_pre": tokenizer_pre, "model_name": model_name}, converter)
+            if check:
+                check_gguf(tmp, src)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    logger.info("wrote %s (Q4_1 linear weights, %s for the other tensors)", target, chosen)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks with gguf-py's own reader and decoder
+
+
+def _permute_like_converter(arch: str, prefix: str, w, hparams: dict):
+    """The row permutation llama.cpp's Llama converter applies to q_proj/k_proj (``LlamaModel.permute``)."""
+    if arch != "llama":
+        return w
+    n_head = hparams["num_attention_heads"]
+    n_kv = hparams.get("num_key_value_heads", n_head)
+    if prefix.endswith("q_proj"):
+        heads = n_head
+    elif prefix.endswith("k_proj"):
+        heads = n_kv
+    else:
+        return w
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def check_gguf(gguf_path: str | os.PathLike, gptq_dir: str | os.PathLike) -> dict:
+    """Decode every ``Q4_1`` tensor of ``gguf_path`` with gguf-py (``gguf.quants.dequantize``) and compare it
+    with the GPTQ export's dequantised weight ``s * (q - z)``.
+
+    Each GPTQ layer is matched to its GGUF tensor by its decoded values (a GGUF tensor is the layer's
+    weight with its rows possibly reordered by the converter, e.g. Llama's q/k head permutation, which is
+    applied to the reference for ``general.architecture == "llama"``). The tolerance per weight is half
+    an fp16 ulp of ``m = -s*z`` (the one rounding of the export), plus float32 rounding.
+
+    Returns:
+        ``{"tensors": n, "max_abs_err": float, "max_err_over_step": float}``, the largest error in units
+        of the quantisation step ``s``.
+
+    Raises:
+        AssertionError: a tensor is missing, not Q4_1, of the wrong shape, or outside the tolerance.
+    """
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(gguf_path))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    q41 = {t.name: t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q4_1}
+    hparams = json.loads((Path(gptq_dir) / "config.json").read_text())
+    by_shape: dict[tuple, list] = {}
+    for t in q41.values():
+        decoded = dequantize(t.data, GGMLQuantizationType.Q4_1)  # [N, K] float32
+        by_shape.setdefault(decoded.shape, []).append((t.name, decoded))
+    used, worst_abs, worst_rel, n = set(), 0.0, 0.0, 0
+    for prefix, ints in read_gptq_layers(gptq_dir):
+        ref = _permute_like_converter(arch, prefix, ints.dequantize().numpy(), hparams)
+        s = _permute_like_converter(arch, prefix, ints.scales.float()[ints.g_idx.long()].t().numpy(), hparams)
+        m = -(ints.scales.float() * ints.z.float())[ints.g_idx.long()].t().numpy()
+        m = _permute_like_converter(arch, prefix, m, hparams)
+        tol = np.abs(m) * 2.0**-11 + np.abs(ref) * 2.0**-22 + 1e-30  # half an fp16 ulp of m, + fp32 rounding
+        match = None
+        for name, decoded in by_shape.get(ref.shape, []):
+            if name not in used and np.all(np.abs(decoded - ref) <= tol):
+                match = (name, decoded)
+                break
+        assert match is not None, f"{prefix}: no Q4_1 tensor of {gguf_path} decodes to its GPTQ weight within the fp16 rounding of m"
+        used.add(match[0])
+        err = np.abs(match[1] - ref)
+        worst_abs = max(worst_abs, float(err.max()))
+        worst_rel = max(worst_rel, float((err / np.maximum(s, 1e-30)).max()))
+        n += 1
+    assert used == set(q41), f"Q4_1 tensors not matched to a GPTQ layer: {sorted(set(q41) - used)[:3]}"
+    del torch
+    return {"tensors": n, "max_abs_err": worst_abs, "max_err_over_step": worst_rel}
+
+
+def dequantized_float_checkpoint(gptq_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Write the GPTQ export as a float32 checkpoint: each GPTQ layer's weight dequantised by gptqmodel's
+    own ``dequantize_weight()`` (model loaded with transformers + optimum + gptqmodel, torch kernel), every
+    other tensor copied as is, ``quantization_config`` dropped, tokenizer files copied.  The input of
+    :func:`reference_gguf`."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    from .model import gptq_layers
+
+    gptq_dir, out = Path(gptq_dir), Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((gptq_dir / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(gptq_dir, quantization_config=GPTQConfig(bits=int(config["quantization_config"]["bits"]), backend="torch"),
+                                                 dtype=torch.float32)
+    tensors = {}
+    for f in _safetensors_files(gptq_dir):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if not key.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
+                    tensors[key] = st.get_tensor(key).clone()
+    with torch.no_grad():
+        for name, layer in gptq_layers(model).items():
+            tensors[f"{name}.weight"] = layer.dequantize_weight().t().float().contiguous().clone()  # [K, N] -> [N, K]
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for f in gptq_dir.iterdir():
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template", "added_tokens"))
+                            or f.name in ("generation_config.json", "README.md")):
+            shutil.copyfile(f, out / f.name)
+    return out
+
+
+def reference_gguf(float_dir: str | os.PathLike, output_path: str | os.PathLike, *, float_type: str = "f32",
+                   tokenizer_pre: Optional[str] = None, model_name: Optional[str] = None,
+                   converter_dir: Optional[str | os.PathLike] = None) -> Path:
+    """Convert a float checkpoint with llama.cpp's converter, unmodified (``--outtype float_type``): the
+    reference a Q4_1 export is compared with (:func:`compare_with_reference`)."""
+    converter = llama_cpp_converter(converter_dir)
+    _run_converter({"dir_model": str(Path(float_dir)), "packed_file": None, "out_path": str(Path(output_path).absolute()),
+                    "float_type": float_type, "tokenizer_pre": tokenizer_pre, "model_name": model_name}, converter)
+    return Path(output_path)
+
+
+def _field_value(field) -> Any:
+    from gguf import GGUFValueType
+
+    if not field.types:
+        return None
+    if field.types[0] == GGUFValueType.ARRAY:
+        sub = field.types[-1]
+        if sub == GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+        return [field.parts[i].tolist()[0] for i in field.data]
+    if field.types[0] == GGUFValueType.STRING:
+        return bytes(field.parts[-1]).decode("utf-8", errors="replace")
+    return field.parts[-1].tolist()[0]
+
+
+def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """All key/value pairs of a GGUF file (``GGUFReader``), arrays as lists; the ``GGUF.*`` header fields left out."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def compare_with_reference(ours: str | os.PathLike, reference: str | os.PathLike) -> dict:
+    """Compare a Q4_1 export with llama.cpp's own conversion of the dequantised model (:func:`reference_gguf`).
+
+    Returns:
+        ``{"metadata_diff": {key: (ours, reference)}, "tensor_names_equal": bool, "float_tensors_equal": [names
+        that differ], "q4_1_max_abs_err": float, "q4_1_max_err_over_ref_absmax": float}``. ``metadata_diff``
+        should hold only ``general.file_type`` (Q4_1 vs the reference's float type).
+    """
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+
+    a, b = gguf_metadata(ours), gguf_metadata(reference)
+    diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    ra, rb = GGUFReader(str(ours)), GGUFReader(str(reference))
+    ta, tb = {t.name: t for t in ra.tensors}, {t.name: t for t in rb.tensors}
+    float_diff, q_err, q_rel = [], 0.0, 0.0
+    for name in sorted(set(ta) & set(tb)):
+        x, y = ta[name], tb[name]
+        dx = dequantize(x.data, x.tensor_type).astype(np.float32)
+        dy = dequantize(y.data, y.tensor_type).astype(np.float32)
+        if dx.shape != dy.shape:
+            float_diff.append(name)
+            continue
+        if x.tensor_type == GGMLQuantizationType.Q4_1:
+            err = float(np.abs(dx - dy).max())
+            q_err = max(q_err, err)
+            q_rel = max(q_rel, err / max(float(np.abs(dy).max()), 1e-30))
+        elif x.tensor_type != y.tensor_type or not np.array_equal(dx, dy):
+            float_diff.append(name)
+    return {
+        "metadata_diff": diff,
+        "tensor_names_equal": set(ta) == set(tb),
+        "float_tensors_differ": float_diff,
+        "q4_1_tensors": sum(t.tensor_type == GGMLQuantizationType.Q4_1 for t in ta.values()),
+        "q4_1_max_abs_err": q_err,
+        "q4_1_max_err_over_ref_absmax": q_rel,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# llama.cpp itself (llama-cpp-python): held-out loss and a generated answer
+
+
+def llama_cpp_available() -> bool:
+    """True if ``llama_cpp`` (llama-cpp-python) imports."""
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:  # ImportError, or a binary that does not load on this CPU
+        return False
+    return True
+
+
+def _llama(gguf_path, n_ctx: int, n_threads: Optional[int], logits_all: bool):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise ImportError(f"llama-cpp-python is not installed; install it with: {LLAMA_INSTALL_HINT}") from None
+    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
+                 n_threads=n_threads or os.cpu_count(), verbose=False, seed=0)
+
+
+def llama_cpp_completion_loss(gguf_path, tokenizer, pairs, max_length: int = 256, n_threads: Optional[int] = None) -> dict:
+    """Held-out loss of a GGUF model computed by llama.cpp (llama-cpp-python), the way
+    :func:`qalora_hf.evaluate.completion_loss` computes it in transformers: the same token ids (prompt and
+    completion tokenised apart with the Hugging Face tokenizer, EOS appended, truncated to ``max_length``),
+    mean cross-entropy in nats over the completion tokens, from llama.cpp's logits for every position.
+
+    Returns:
+        ``{"loss": float, "tokens": int, "rows": int, "same_tokens": int}``; ``same_tokens`` counts the rows
+        whose ``prompt + completion`` llama.cpp's own tokenizer (from the GGUF metadata) splits into the same
+        ids as the Hugging Face tokenizer.
+
+    Raises:
+        ImportError: llama-cpp-python is not installed (the message gives the install command).
+    """
+    import numpy as np
+
+    rows = []
+    for prompt, completion in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(((p + c)[:max_length], ([-100] * len(p) + c)[:max_length], prompt + completion, p + c[:-1]))
+    llm = _llama(gguf_path, n_ctx=max(max_length, 64), n_threads=n_threads, logits_all=True)
+    total, count, same = 0.0, 0, 0
+    for ids, labels, text, plain in rows:
+        llm.reset()
+        llm.eval(ids)
+        logits = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
+        tgt = np.asarray(labels[1:])
+        keep = tgt != -100
+        lp = logits[:-1][keep]
+        lse = np.log(np.exp(lp - lp.max(-1, keepdims=True)).sum(-1)) + lp.max(-1)
+        total += float((lse - lp[np.arange(lp.shape[0]), tgt[keep]]).sum())
+        count += int(keep.sum())
+        same += int(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == plain)
+    llm.close()
+    return {"loss": total / max(count, 1), "tokens": count, "rows": len(rows), "same_tokens": same}
+
+
+def llama_cpp_answer(gguf_path, instruction: str, max_new_tokens: int = 48, n_threads: Optional[int] = None) -> str:
+    """Greedy answer of a GGUF model to an Alpaca-style instruction, generated by llama.cpp."""
+    from .evaluate import alpaca_prompt_completion
+
+    prompt, _ = alpaca_prompt_completion({"instruction": instruction, "output": ""})
+    llm = _llama(gguf_path, n_ctx=512, n_threads=n_threads, logits_all=False)
+    out = llm(prompt, max_tokens=max_new_tokens, temperature=0.0, top_k=1)
+    llm.close()
+    return out["choices"][0]["text"].strip()
+
+
+if __name__ == "__main__":  # internal: the converter subprocess (python -m qalora_hf.gguf_export --convert spec.json)
+    if len(sys.argv) == 3 and sys.argv[1] == "--convert":
+        try:
+            _converter_main(sys.argv[2])
+        except GGUFExportError as err:
+            print(f"GGUFExportError: {err}", file=sys.stderr)
+            sys.exit(3)
+    else:
+        sys.exit("internal entry point; use qalora_hf.export_gguf or 'qalora-hf gguf'")
