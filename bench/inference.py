@@ -14,13 +14,21 @@ merge_qalora(strategy='round') and written with export_gptq.  Variants, each in 
   GPTQ base + adapter, stock PEFT (auto kernel)  PeftModel.from_pretrained(from_pretrained(base), adapter)
   float fp32 + LoRA merged             the float model with a plain PEFT LoRA (same r/targets, random small
                                        lora_B) folded in by merge_and_unload()
+  merged export as GGUF Q4_1 (llama.cpp)  the same merged export written by export_gguf (lossless Q4_1) and run
+                                       by llama.cpp through llama-cpp-python (n_threads = --threads); only
+                                       when llama-cpp-python is installed (make install-llama), else n/a
+
+decode tokens/s = (new tokens - 1) / (generate time - prefill time); file size = the checkpoint's weight
+files (safetensors / .gguf).  For the GGUF variant "prefill" is llama.cpp's eval() of the prompt and
+"generate" its greedy generate() of exactly --new-tokens tokens after a fresh prompt eval.
 
 Each worker loads and runs one warm-up generation (first-call compile cost is reported separately);
 then --repeats interleaved rounds each time a prefill (one forward over the prompt) and a full
 generate() per worker; medians are reported.  tokens/s = new tokens / generate() wall time (prefill
 included).  Timings are noisy under machine load.
 
-Targets: merged >= 2x float+LoRA tokens/s; merged >= 1.1x GPTQ base + unmerged adapter tokens/s.
+Targets: merged >= 2x float+LoRA tokens/s; merged >= 1.1x GPTQ base + unmerged adapter tokens/s;
+GGUF Q4_1 in llama.cpp >= 3x float+LoRA decode tokens/s.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from bench.common import (  # noqa: E402
 )
 
 
-def prepare(gptq_dir: str, workdir: Path, seed: int, std: float) -> dict:
+def prepare(gptq_dir: str, workdir: Path, seed: int, std: float, gguf: bool = False, gguf_tokenizer_pre=None) -> dict:
     """Adapter with random small lora_B on the GPTQ base, saved; merged (round) and exported. Returns paths + merge stats."""
     import torch
     from transformers import AutoTokenizer
@@ -72,8 +80,59 @@ def prepare(gptq_dir: str, workdir: Path, seed: int, std: float) -> dict:
     merged, report = merge_qalora(peft_model, strategy="round", progress=False)
     export = export_gptq(merged, workdir / "merged", tokenizer=AutoTokenizer.from_pretrained(gptq_dir))
     tot = report.totals
-    return {"adapter": str(adapter), "merged": str(export), "merge_export_s": time.perf_counter() - t,
-            "zeros_changed": tot["zeros_changed"], "shift_abs_median": tot["shift_abs_median"]}
+    out = {"adapter": str(adapter), "merged": str(export), "merge_export_s": time.perf_counter() - t,
+           "zeros_changed": tot["zeros_changed"], "shift_abs_median": tot["shift_abs_median"]}
+    if gguf:
+        from qalora_hf.gguf_export import export_gguf
+
+        t = time.perf_counter()
+        out["gguf"] = str(export_gguf(export, workdir / "merged-Q4_1.gguf", tokenizer_pre=gguf_tokenizer_pre))
+        out["gguf_export_s"] = time.perf_counter() - t
+    return out
+
+
+def file_size_mb(path: str) -> float:
+    p = Path(path)
+    files = [p] if p.is_file() else list(p.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) / 2**20
+
+
+class LlamaCppVariant:
+    """The GGUF export run by llama.cpp (llama-cpp-python), same prompt ids as the transformers variants."""
+
+    def __init__(self, spec: dict):
+        from transformers import AutoTokenizer
+
+        from qalora_hf.gguf_export import _llama
+
+        runtime_mb = runtime_rss_mb()
+        self.llm = _llama(spec["gguf"], n_ctx=spec["prompt_tokens"] + spec["new_tokens"] + 8, n_threads=spec["threads"], logits_all=False)
+        self.info = {"kernel": "llama.cpp Q4_1", "dtype": "q4_1", "rss_runtime_mb": runtime_mb}
+        tok = AutoTokenizer.from_pretrained(spec["gptq"])
+        self.ids = prompt_ids(tok, spec["prompt_tokens"], 1, spec["seed"])[0].tolist()
+        self.new = spec["new_tokens"]
+        t = time.perf_counter()
+        first = self._generate()
+        self.info["first_generate_s"] = time.perf_counter() - t
+        self.info["first_tokens"] = first[:8]
+
+    def _generate(self) -> list[int]:
+        out = []
+        for token in self.llm.generate(self.ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(int(token))  # EOS does not stop it: exactly new_tokens tokens, like min_new_tokens
+            if len(out) == self.new:
+                break
+        return out
+
+    def step(self) -> dict:
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(self.ids)
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        n = len(self._generate())
+        gen = time.perf_counter() - t
+        return {"prefill_s": prefill, "generate_s": gen, "new_tokens": n, "tokens_per_s": n / gen}
 
 
 def build_model(spec: dict):
@@ -149,8 +208,8 @@ class GenVariant:
         return {"prefill_s": prefill, "generate_s": gen, "new_tokens": n, "tokens_per_s": n / gen}
 
 
-def make_variant(spec: dict) -> GenVariant:
-    return GenVariant(spec)
+def make_variant(spec: dict):
+    return LlamaCppVariant(spec) if spec["kind"] == "gguf_llama_cpp" else GenVariant(spec)
 
 
 MERGED = "merged export (stock from_pretrained)"
@@ -158,6 +217,7 @@ MERGED_T = "merged export (TorchLinear)"
 UNMERGED = "GPTQ base + adapter, ours (TorchLinear)"
 UNMERGED_P = "GPTQ base + adapter, stock PEFT (auto kernel)"
 FLOAT = "float fp32 + LoRA merged"
+GGUF = "merged export as GGUF Q4_1 (llama.cpp)"
 
 
 def main(argv=None) -> int:
@@ -168,6 +228,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="interleaved timed rounds (default 5, 3 with --quick)")
     ap.add_argument("--quick", action="store_true", help="3 repeats")
     ap.add_argument("--lora-b-std", type=float, default=0.02, help="std of the random lora_B of both adapters")
+    ap.add_argument("--no-gguf", action="store_true", help="skip the GGUF Q4_1 / llama.cpp variant")
+    ap.add_argument("--gguf-tokenizer-pre", help="tokenizer.ggml.pre for the GGUF (only for a tokenizer llama.cpp's converter "
+                    "does not know, e.g. 'gpt-2' for --tiny)")
     args = ap.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 5)
     setup_env()
@@ -180,25 +243,43 @@ def main(argv=None) -> int:
     print(f"inference: prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, batch 1, greedy, {args.repeats} rounds, "
           f"threads {meta['torch_threads']}\n  float {float_dir}\n  gptq  {gptq_dir}", flush=True)
     with tempfile.TemporaryDirectory(prefix="qalora-bench-inf-") as tmp:
-        prep = prepare(gptq_dir, Path(tmp), args.seed, args.lora_b_std)
+        from qalora_hf.gguf_export import llama_cpp_available
+
+        with_gguf = not args.no_gguf and llama_cpp_available()
+        if not args.no_gguf and not with_gguf:
+            print("  GGUF variant: n/a, llama-cpp-python is not installed (make install-llama)", flush=True)
+        prep = prepare(gptq_dir, Path(tmp), args.seed, args.lora_b_std, gguf=with_gguf,
+                       gguf_tokenizer_pre=args.gguf_tokenizer_pre or ("gpt-2" if getattr(args, "tiny", False) else None))
         print(f"  prepared adapter + round-merged export in {prep['merge_export_s']:.1f}s ({prep['zeros_changed']} zero-points changed)", flush=True)
         common = {"float": float_dir, "gptq": gptq_dir, "adapter": prep["adapter"], "merged": prep["merged"], "seed": args.seed,
                   "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                  "targets": _targets_of(gptq_dir), "lora_b_std": args.lora_b_std}
+                  "targets": _targets_of(gptq_dir), "lora_b_std": args.lora_b_std, "gguf": prep.get("gguf")}
         kinds = {MERGED: "merged_auto", MERGED_T: "merged_torch", UNMERGED: "unmerged_ours", UNMERGED_P: "unmerged_auto_peft", FLOAT: "float_lora_merged"}
+        if prep.get("gguf"):
+            kinds[GGUF] = "gguf_llama_cpp"
+        sizes = {MERGED: file_size_mb(prep["merged"]), MERGED_T: file_size_mb(prep["merged"]), UNMERGED: file_size_mb(gptq_dir),
+                 UNMERGED_P: file_size_mb(gptq_dir), FLOAT: file_size_mb(float_dir)}
+        if prep.get("gguf"):
+            sizes[GGUF] = file_size_mb(prep["gguf"])
         res = run_interleaved({n: {**common, "kind": k} for n, k in kinds.items()}, make_variant, args.repeats)
 
     rows, summary = [], {}
     for name, r in res.items():
         if not r.get("steps"):
             summary[name] = {"error": r.get("error"), "where": r.get("where")}
-            rows.append([name, "-", "-", "-", "-", "-", f"n/a: {r.get('error')}"])
+            rows.append([name, "-", "-", "-", "-", "-", "-", "-", f"n/a: {r.get('error')}"])
             continue
         info, steps = r["info"], r["steps"]
         s = {**info, "tokens_per_s_median": median_of(steps, "tokens_per_s"), "prefill_s_median": median_of(steps, "prefill_s"),
              "generate_s_median": median_of(steps, "generate_s"), "steps": steps, "peak_rss_mb": r.get("final", {}).get("peak_rss_mb")}
+        s["decode_tokens_per_s_median"] = median_of(
+            [{"d": (x["new_tokens"] - 1) / max(x["generate_s"] - x["prefill_s"], 1e-9)} for x in steps], "d")
+        s["file_size_mb"] = sizes.get(name)
         summary[name] = s
-        rows.append([name, info["kernel"], info["first_generate_s"], 1000 * s["prefill_s_median"], s["generate_s_median"], s["tokens_per_s_median"], s["peak_rss_mb"]])
+        rows.append([name, info["kernel"], info["first_generate_s"], 1000 * s["prefill_s_median"], s["generate_s_median"], s["tokens_per_s_median"],
+                     s["decode_tokens_per_s_median"], s["file_size_mb"], s["peak_rss_mb"]])
+    if not with_gguf and not args.no_gguf:
+        rows.append([GGUF, "-", "-", "-", "-", "-", "-", "-", "n/a: llama-cpp-python not installed (make install-llama)"])
 
     def tps(name):
         return summary.get(name, {}).get("tokens_per_s_median")
@@ -210,13 +291,15 @@ def main(argv=None) -> int:
         target("merged (TorchLinear) / float+LoRA tokens/s", ratio(tps(MERGED_T), tps(FLOAT)), ">=", 2.0),
         target("merged (TorchLinear) / GPTQ base + unmerged adapter (TorchLinear) tokens/s", ratio(tps(MERGED_T), tps(UNMERGED)), ">=", 1.1),
     ]
+    dec = lambda name: summary.get(name, {}).get("decode_tokens_per_s_median")  # noqa: E731
+    tg.append(target("GGUF Q4_1 in llama.cpp / float+LoRA decode tokens/s", ratio(dec(GGUF), dec(FLOAT)), ">=", 3.0))
     if tps(UNMERGED_P):
         tg.append(target("merged (stock load) / GPTQ base + adapter, stock PEFT (same auto kernel) tokens/s", ratio(tps(MERGED), tps(UNMERGED_P)), ">=", 1.1))
     same = {n: s.get("first_tokens") for n, s in summary.items() if s.get("first_tokens")}
     md = (
         f"### Inference (batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens greedy, median of {args.repeats} interleaved rounds, "
         f"{meta['torch_threads']} torch threads, seed {args.seed}, {meta['date']})\n\n"
-        + markdown_table(["variant", "kernel", "first generate s", "prefill ms", "generate s", "tokens/s", "peak RSS MiB"], rows)
+        + markdown_table(["variant", "kernel", "first generate s", "prefill ms", "generate s", "tokens/s", "decode tokens/s", "file MiB", "peak RSS MiB"], rows)
         + "\n\n" + targets_table(tg)
         + f"\n\nAdapter: r=16, random lora_B (std {args.lora_b_std}); merged with strategy 'round' ({prep['zeros_changed']} zero-points changed). "
         + "First 8 generated ids per variant: " + "; ".join(f"{n}: {v}" for n, v in same.items())

@@ -428,3 +428,139 @@ def plot_training_loss(log_history: list[dict], path: str | os.PathLike) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF: the "Run it with llama.cpp / ollama" section, the ollama Modelfile and the card of the -GGUF repo
+
+GGUF_TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "qalora_gguf.md"
+LLAMA_CPP_HEADING = "## Run it with llama.cpp / ollama"
+ALPACA_OLLAMA_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{{ .Prompt }}\n\n### Response:\n"
+)
+
+
+def ollama_modelfile(gguf_filename: str, prompt_template: Optional[str] = None) -> str:
+    """An ollama ``Modelfile`` for a GGUF file next to it (``FROM ./<file>``), greedy decoding; with
+    ``prompt_template`` (an ollama ``TEMPLATE``, e.g. :data:`ALPACA_OLLAMA_TEMPLATE`), else ollama uses the
+    chat template stored in the GGUF."""
+    lines = [f"FROM ./{gguf_filename}"]
+    if prompt_template:
+        lines.append(f'TEMPLATE """{prompt_template}"""')
+    lines.append("PARAMETER temperature 0")
+    return "\n".join(lines) + "\n"
+
+
+def llama_cpp_section(gguf_repo_id: Optional[str], gguf_filename: str, fidelity: Optional[dict] = None,
+                      instruction: str = "Give three tips for staying healthy.") -> str:
+    """Markdown for the "Run it with llama.cpp / ollama" section (GPTQ card and GGUF card).
+
+    Args:
+        gguf_repo_id: the repo holding the ``.gguf`` (None: the commands that make it with ``qalora-hf gguf``).
+        gguf_filename: its file name.
+        fidelity: measured figures, any of ``loss_gguf`` (held-out loss computed by llama.cpp), ``loss_gptq``
+            (same rows, the GPTQ export in transformers), ``gain_kept_gguf``, ``gain_kept_gptq``, ``rows``.
+    """
+    prompt = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        f"\\n\\n### Instruction:\\n{instruction}\\n\\n### Response:\\n"
+    )
+    out = [LLAMA_CPP_HEADING, ""]
+    if gguf_repo_id:
+        out += [
+            f"The same merged integers run in llama.cpp (and ollama, LM Studio) from [`{gguf_repo_id}`](https://huggingface.co/{gguf_repo_id}), "
+            f"file `{gguf_filename}`: a GGUF `Q4_1` file whose every 4-bit weight is the GPTQ code itself, each GPTQ group written "
+            "as GGUF blocks with `d = s` and `m = -s*z` (fp16), with no second quantisation (only `m` is rounded to fp16, "
+            "under 1 % of a quantisation step). Embeddings and norms are stored unrounded.",
+            "",
+            "```bash",
+            f"hf download {gguf_repo_id} {gguf_filename} Modelfile --local-dir .",
+            "# the prompt format it was fine-tuned on (Alpaca), greedy:",
+            f'llama-completion -m {gguf_filename} -no-cnv --temp 0 -n 128 -p "$(printf \'{prompt}\')"',
+            "# or chat, with the chat template stored in the GGUF:",
+            f'llama-cli -m {gguf_filename} -p "{instruction}"',
+            "# ollama (the Modelfile in the repo: FROM ./" + gguf_filename + ", the Alpaca TEMPLATE, temperature 0)",
+            "ollama create qalora-gguf -f Modelfile && ollama run qalora-gguf " + f'"{instruction}"',
+            "```",
+        ]
+    else:
+        out += [
+            "This GPTQ checkpoint converts without loss into a GGUF `Q4_1` file for llama.cpp / ollama / LM Studio (every "
+            "4-bit weight stays the GPTQ code; only `m = -s*z` is rounded to fp16, under 1 % of a quantisation step). "
+            "llama.cpp's own `convert_hf_to_gguf.py` would dequantise it and need a second, lossy `llama-quantize`; use instead:",
+            "",
+            "```bash",
+            "pip install qalora-hf",
+            f"qalora-hf gguf <this repo downloaded> -o {gguf_filename}",
+            f"llama-cli -m {gguf_filename}",
+            "```",
+        ]
+    f = fidelity or {}
+    rows = []
+    if f.get("loss_gguf") is not None:
+        rows.append(("held-out loss, this GGUF in llama.cpp (llama-cpp-python)", f"{f['loss_gguf']:.4f}"))
+    if f.get("loss_gptq") is not None:
+        rows.append(("held-out loss, the GPTQ export in transformers (same rows, same token ids)", f"{f['loss_gptq']:.4f}"))
+    if f.get("loss_gguf") is not None and f.get("loss_gptq") is not None:
+        rows.append(("difference llama.cpp - transformers (nats/token)", f"{f['loss_gguf'] - f['loss_gptq']:+.4f}"))
+    for key, label in (("gain_kept_gguf", "fine-tuning gain kept, GGUF in llama.cpp"), ("gain_kept_gptq", "fine-tuning gain kept, GPTQ export")):
+        if f.get(key) is not None:
+            rows.append((label, f"{100 * f[key]:.1f}%"))
+    if rows:
+        out += ["", f"Measured on {f.get('rows', 'the')} held-out rows:", "", "| measure | value |", "|---|---|"]
+        out += [f"| {k} | {v} |" for k, v in rows]
+        out += ["", "llama.cpp's Q4_1 dot product rounds the activations to 8 bits (Q8_1), so its logits are close to, "
+                "not bit-identical with, the GPTQ model's."]
+    return "\n".join(out) + "\n"
+
+
+def replace_section(text: str, heading: str, section: str) -> str:
+    """``text`` with the markdown section starting at ``heading`` (up to the next ``## `` heading) replaced by
+    ``section``; appended when absent."""
+    start = text.find(heading + "\n")
+    if start < 0:
+        return text.rstrip() + "\n\n" + section
+    end = text.find("\n## ", start + len(heading))
+    return text[:start] + section.rstrip() + "\n" + (text[end:] if end >= 0 else "")
+
+
+def build_gguf_model_card(
+    *,
+    repo_id: str,
+    gguf_filename: str,
+    gptq_repo_id: Optional[str] = None,
+    upstream_base_models: Iterable[str] = (),
+    license: Optional[str] = None,
+    fidelity: Optional[dict] = None,
+    template_path: str | os.PathLike = GGUF_TEMPLATE_PATH,
+) -> ModelCard:
+    """The card of a ``-GGUF`` repo holding a lossless Q4_1 export (:func:`qalora_hf.gguf_export.export_gguf`).
+
+    Metadata: ``base_model`` = the GPTQ repo with ``base_model_relation: quantized`` (the same weights in
+    another format), ``library_name: gguf``, tags ``gguf``, ``q4_1``, ``qalora``, ``llama.cpp``.
+
+    Raises:
+        ValueError: the card would publish a token, a local path or the user name.
+    """
+    bases = [m for m in ([gptq_repo_id] if gptq_repo_id else []) if _REPO_ID.fullmatch(m)]
+    card_data = ModelCardData(
+        base_model=bases or None,
+        base_model_relation="quantized" if bases else None,
+        library_name="gguf",
+        pipeline_tag="text-generation",
+        license=license,
+        tags=["gguf", "q4_1", "qalora", "gptq", "llama.cpp"],
+    )
+    upstream = [m for m in upstream_base_models if m and _REPO_ID.fullmatch(str(m))]
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_title=repo_id.split("/")[-1],
+        gptq_repo_id=gptq_repo_id if bases else None,
+        upstream=upstream,
+        gguf_filename=gguf_filename,
+        llama_cpp_section=llama_cpp_section(repo_id, gguf_filename, fidelity),
+    )
+    assert_no_secrets(str(card))
+    return card

@@ -5,6 +5,7 @@
     qalora-hf merge --base BASE --adapter ADAPTER_DIR --output-dir OUT [--strategy distill|scales|gptq|round]
                     [--calibration-file rows.json[l]] [--push-to-hub user/name] ...
     qalora-hf push OUT user/name [--private] [--revision R] [--commit-message M]
+    qalora-hf gguf OUT -o model-Q4_1.gguf [--float-type auto|f32|f16|bf16] [--push-to-hub user/name-GGUF] ...
 
 Every input is checked before a model is loaded; bad input ends with a one-line ``qalora-hf: error: ...``
 and exit status 2.  The merge runs on the CPU in float32.
@@ -325,6 +326,49 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_gguf(args) -> int:
+    """Write a GPTQ 4-bit export as a lossless GGUF Q4_1 file (docs/gguf.md); optionally push it."""
+    from .gguf_export import GGUFExportError, check_gptq_dir
+
+    path = Path(args.source).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"{args.source}: no such directory; pass a GPTQ export directory ('qalora-hf merge' / export_gptq output)")
+    output = Path(args.output).expanduser()
+    if output.suffix != ".gguf":
+        raise UsageError(f"--output {args.output}: the file name must end in .gguf")
+    if output.exists() and not args.overwrite:
+        raise UsageError(f"--output {args.output} exists; pass --overwrite or choose another file")
+    if args.push_to_hub:
+        _check_repo_id(args.push_to_hub, "--push-to-hub")
+    if args.gptq_repo_id:
+        _check_repo_id(args.gptq_repo_id, "--gptq-repo-id")
+    try:
+        check_gptq_dir(path)  # every refusal (bits, act-order, group size, adapters, float model) before any work
+    except GGUFExportError as err:
+        raise UsageError(str(err)) from None
+
+    from .gguf_export import export_gguf, gguf_summary
+
+    t0 = time.time()
+    _log(f"writing {output} (Q4_1 from the GPTQ integers; everything else by llama.cpp's converter)")
+    out = export_gguf(path, output, float_type=args.float_type, tokenizer_pre=args.tokenizer_pre, model_name=args.model_name,
+                      overwrite=args.overwrite, converter_dir=args.llama_cpp_dir)
+    summary = gguf_summary(out, path)
+    commit = None
+    if args.push_to_hub:
+        from .gguf_export import push_gguf_to_hub
+
+        _log(f"pushing to {args.push_to_hub}")
+        commit = push_gguf_to_hub(out, args.push_to_hub, gptq_dir=path, gptq_repo_id=args.gptq_repo_id, private=args.private)
+    rows = [("gguf", str(out)), ("size", f"{out.stat().st_size / 2**20:.1f} MiB")] + [(k, str(v)) for k, v in summary.items()]
+    if commit:
+        rows.append(("pushed", f"{args.push_to_hub}@{commit[:12]}"))
+    rows.append(("time", f"{time.time() - t0:.1f}s"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Merge, export and push QA-LoRA GPTQ models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -360,6 +404,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="branch to push to (created from main when missing)")
     p.add_argument("--commit-message")
     p.set_defaults(func=cmd_push)
+
+    g = sub.add_parser("gguf", help="write a GPTQ 4-bit export as a lossless GGUF Q4_1 file for llama.cpp / ollama")
+    g.add_argument("source", help="GPTQ export directory ('qalora-hf merge' / export_gptq output): 4-bit, act-order off, "
+                   "group size -1 or a multiple of 32")
+    g.add_argument("-o", "--output", required=True, help="the .gguf file to write (atomically)")
+    g.add_argument("--float-type", choices=("auto", "f32", "f16", "bf16"), default="auto",
+                   help="type of the unquantised tensors (embeddings, an unquantised lm_head): auto (default) = f16/bf16 when "
+                        "that is exact, else f32; norms and biases are always f32")
+    g.add_argument("--tokenizer-pre", help="tokenizer.ggml.pre, when llama.cpp's converter does not recognise the BPE pre-tokenizer")
+    g.add_argument("--model-name", help="general.name in the GGUF (default: the converter's choice)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    g.add_argument("--llama-cpp-dir", help="llama.cpp source tree to take convert_hf_to_gguf.py from (default: the pinned "
+                   "converter from the llama-cpp-python sdist, fetched once into the cache)")
+    g.add_argument("--push-to-hub", metavar="REPO_ID", help="push the .gguf, a model card and an ollama Modelfile to this "
+                   "repo (Hub convention: the GPTQ repo's name + '-GGUF')")
+    g.add_argument("--gptq-repo-id", help="Hub id of the GPTQ repo this GGUF was made from (card metadata and links)")
+    g.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    g.set_defaults(func=cmd_gguf)
     return parser
 
 

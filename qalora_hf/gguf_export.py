@@ -22,7 +22,8 @@ says ``MOSTLY_Q4_1``.  The converter is not on PyPI on its own; :func:`llama_cpp
 the pinned ``llama-cpp-python`` sdist on PyPI (sha256-checked, cached), or from a llama.cpp checkout.
 
 Public API: :func:`export_gguf`, :func:`pack_q4_1`, :func:`read_gptq_layers`, :func:`check_gguf`,
-:func:`reference_gguf`, :func:`compare_with_reference`, :func:`llama_cpp_completion_loss`.
+:func:`reference_gguf`, :func:`compare_with_reference`, :func:`llama_cpp_completion_loss`,
+:func:`gguf_heldout_fidelity`, :func:`push_gguf_to_hub`.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def pack_q4_1(q, z, scales, g_idx, name: str = "layer"):
         raise GGUFExportError(f"{name}: scales are not fp16 values; GPTQ stores fp16 scales.")
     gb = blocks_g[:, 0]  # group of each block, [K/32]
     d = s[gb].t().contiguous()  # [N, K/32]
-    m = (-(s * z.to(torch.float32)))[gb].t().contiguous()  # s*z is exact in fp32 (11-bit mantissa x 4-bit integer)
+    # s*z is exact in fp32 (11-bit mantissa x 4-bit integer); "0.0 - x" so that z = 0 gives +0.0, not -0.0
+    m = (0.0 - s * z.to(torch.float32))[gb].t().contiguous()
     codes = q.t().reshape(n, k // QK4_1, QK4_1).to(torch.uint8)  # [N, K/32, 32]
     qs = codes[..., :16] | (codes[..., 16:] << 4)
     out = np.concatenate(
@@ -512,7 +514,7 @@ def _converter_main(spec_path: str) -> None:  # runs in the subprocess
             except NotImplementedError:
                 raise GGUFExportError(
                     "llama.cpp's converter does not recognise this tokenizer's BPE pre-tokenizer (its hash is not in "
-                    "get_vocab_base_pre); pass tokenizer_pre=<name> (--tokenizer-pre), e.g. 'gpt2' for GPT-2's byte-level "
+                    "get_vocab_base_pre); pass tokenizer_pre=<name> (--tokenizer-pre), e.g. 'gpt-2' for GPT-2's byte-level "
                     "split, or use a newer llama.cpp converter (converter_dir / $" + CONVERTER_ENV_VAR + ")."
                 ) from None
 
@@ -850,6 +852,96 @@ def compare_with_reference(ours: str | os.PathLike, reference: str | os.PathLike
     }
 
 
+def gguf_summary(gguf_path: str | os.PathLike, gptq_dir: str | os.PathLike) -> dict:
+    """What a GGUF export holds: tensor counts by type, ``general.file_type``, and :func:`check_gguf`'s figures."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    check = check_gguf(gguf_path, gptq_dir)
+    return {
+        "architecture": bytes(reader.fields["general.architecture"].parts[-1]).decode(),
+        "tensor_types": ", ".join(f"{n} {k}" for k, n in sorted(types.items())),
+        "q4_1_tensors_checked": check["tensors"],
+        "max_err_over_step": f"{check['max_err_over_step']:.2e} (gguf-py decode vs GPTQ s*(q-z); fp16 rounding of m)",
+    }
+
+
+GGUF_COMMIT_MESSAGE = "Upload lossless GGUF Q4_1 export (QA-LoRA merged GPTQ integers)"
+
+
+def push_gguf_to_hub(
+    gguf_path: str | os.PathLike,
+    repo_id: str,
+    *,
+    gptq_dir: Optional[str | os.PathLike] = None,
+    gptq_repo_id: Optional[str] = None,
+    fidelity: Optional[dict] = None,
+    prompt_template: Optional[str] = None,
+    private: bool = False,
+    commit_message: str = GGUF_COMMIT_MESSAGE,
+    token: Optional[str] = None,
+) -> str:
+    """Push a GGUF file to its own Hub repo (convention: ``<gptq repo>-GGUF``) with a model card
+    (:func:`qalora_hf.card.build_gguf_model_card`: llama.cpp / ollama commands) and an ollama ``Modelfile``.
+
+    Args:
+        gguf_path: the ``.gguf`` file (uploaded under its own name).
+        gptq_dir: the GPTQ export it was made from (licence and base model are read from its card).
+        gptq_repo_id: the GPTQ repo on the Hub (card metadata ``base_model``, relation ``quantized``).
+        fidelity: measured figures for the card (see :func:`qalora_hf.card.llama_cpp_section`).
+        prompt_template: an ollama ``TEMPLATE`` for the Modelfile (e.g. the Alpaca prompt the model was
+            trained on); None: ollama uses the chat template stored in the GGUF.
+
+    Returns:
+        The commit id. Retries transient failures like :func:`qalora_hf.push_gptq_to_hub`; tokens never
+        appear in messages.
+
+    Raises:
+        ValueError: bad ``repo_id`` or a missing file, before any request.
+        qalora_hf.hub.HubPushError: the upload failed for good.
+    """
+    from huggingface_hub import HfApi, constants
+
+    from .card import build_gguf_model_card, ollama_modelfile
+    from .hub import _REPO_ID, _with_retries, redact_tokens
+
+    path = Path(gguf_path)
+    if not path.is_file() or path.suffix != ".gguf":
+        raise ValueError(f"{gguf_path}: not a .gguf file")
+    if not _REPO_ID.fullmatch(repo_id or "") or ".." in repo_id or "--" in repo_id:
+        raise ValueError(f"repo_id {repo_id!r} is invalid: use 'namespace/name'")
+    license_id, base = None, None
+    if gptq_dir is not None and (Path(gptq_dir) / "README.md").is_file():
+        from huggingface_hub import ModelCard
+
+        data = ModelCard.load(Path(gptq_dir) / "README.md").data
+        license_id = data.get("license")
+        base = data.get("base_model")
+    card = build_gguf_model_card(repo_id=repo_id, gguf_filename=path.name, gptq_repo_id=gptq_repo_id, license=license_id,
+                                 upstream_base_models=base if isinstance(base, list) else [base] if base else [],
+                                 fidelity=fidelity)
+    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+    secrets = [token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
+    api = HfApi(endpoint=endpoint, token=token)
+    retry = {"max_retries": 5, "backoff_s": 1.0, "secrets": secrets}
+    with tempfile.TemporaryDirectory(prefix="qalora-gguf-push-") as stage:
+        stage = Path(stage)
+        try:
+            os.link(path, stage / path.name)
+        except OSError:
+            shutil.copyfile(path, stage / path.name)
+        card.save(stage / "README.md")
+        (stage / "Modelfile").write_text(ollama_modelfile(path.name, prompt_template))
+        logger.info("pushing %s to %s/%s", path.name, redact_tokens(endpoint, secrets), repo_id)
+        _with_retries("create_repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True), **retry)
+        info = _with_retries("upload_folder", lambda: api.upload_folder(folder_path=str(stage), repo_id=repo_id,
+                                                                         commit_message=commit_message), **retry)
+    return getattr(info, "oid", None) or str(info).rstrip("/").rsplit("/", 1)[-1]
+
+
 # --------------------------------------------------------------------------------------------------
 # llama.cpp itself (llama-cpp-python): held-out loss and a generated answer
 
@@ -919,6 +1011,49 @@ def llama_cpp_answer(gguf_path, instruction: str, max_new_tokens: int = 48, n_th
     out = llm(prompt, max_tokens=max_new_tokens, temperature=0.0, top_k=1)
     llm.close()
     return out["choices"][0]["text"].strip()
+
+
+def alpaca_heldout_pairs(dataset_path: str | os.PathLike, num_rows: int = 99) -> list[tuple[str, str]]:
+    """The last ``num_rows`` rows of an Alpaca JSON file as (prompt, completion) pairs (the Alpaca template)."""
+    from .evaluate import alpaca_prompt_completion
+
+    rows = json.loads(Path(dataset_path).read_text())
+    return [alpaca_prompt_completion(r) for r in rows[-num_rows:]]
+
+
+def gguf_heldout_fidelity(gguf_path, gptq_dir, pairs, *, loss_base: Optional[float] = None, loss_trained: Optional[float] = None,
+                          max_length: int = 256, n_threads: Optional[int] = None, gptq_model=None) -> dict:
+    """Held-out loss of the GGUF in llama.cpp next to the GPTQ export's in transformers, on the same rows
+    and the same token ids (:func:`llama_cpp_completion_loss`, :func:`qalora_hf.evaluate.completion_loss`).
+
+    Args:
+        gguf_path: the Q4_1 file (:func:`export_gguf`); gptq_dir: the GPTQ export it was made from (its
+            tokenizer is used for both; the model is loaded with stock ``from_pretrained`` unless
+            ``gptq_model`` is given).
+        pairs: (prompt, completion) rows, e.g. :func:`alpaca_heldout_pairs`.
+        loss_base, loss_trained: held-out losses of the base GPTQ model and of the trained (unmerged)
+            model on the same rows, for the fraction of the fine-tuning gain each export keeps.
+
+    Returns:
+        ``{"rows", "tokens", "same_tokens", "loss_gguf", "loss_gptq", "diff" (gguf - gptq, nats/token),
+        "gain_kept_gguf", "gain_kept_gptq"}`` (gains None without ``loss_base``/``loss_trained``).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluate import completion_loss, gain_kept
+
+    pairs = list(pairs)
+    tokenizer = AutoTokenizer.from_pretrained(gptq_dir)
+    lc = llama_cpp_completion_loss(gguf_path, tokenizer, pairs, max_length=max_length, n_threads=n_threads)
+    model = gptq_model if gptq_model is not None else AutoModelForCausalLM.from_pretrained(gptq_dir, dtype=torch.float32).eval()
+    loss_gptq = completion_loss(model, tokenizer, pairs, max_length=max_length)
+    out = {"rows": lc["rows"], "tokens": lc["tokens"], "same_tokens": lc["same_tokens"], "loss_gguf": lc["loss"],
+           "loss_gptq": loss_gptq, "diff": lc["loss"] - loss_gptq, "gain_kept_gguf": None, "gain_kept_gptq": None}
+    if loss_base is not None and loss_trained is not None:
+        out["gain_kept_gguf"] = gain_kept(loss_base, loss_trained, lc["loss"])
+        out["gain_kept_gptq"] = gain_kept(loss_base, loss_trained, loss_gptq)
+    return out
 
 
 if __name__ == "__main__":  # internal: the converter subprocess (python -m qalora_hf.gguf_export --convert spec.json)

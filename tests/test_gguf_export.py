@@ -1,0 +1,262 @@
+"""GGUF Q4_1 export: exact blocks (gguf-py's own decoder and quantiser), llama.cpp's converter as the
+reference for everything else, refusals before anything is written, and llama.cpp itself when installed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from qalora_hf.gguf_export import (  # noqa: E402
+    GGUFExportError,
+    check_gguf,
+    compare_with_reference,
+    dequantized_float_checkpoint,
+    export_gguf,
+    gguf_metadata,
+    llama_cpp_available,
+    pack_q4_1,
+    reference_gguf,
+)
+
+MODEL_NAME = "tiny-qalora"
+TOKENIZER_PRE = "gpt-2"  # the tiny test tokenizer is a fresh byte-level BPE: its hash is in no converter table
+
+
+def _q4_1(rows: np.ndarray, n: int, k: int) -> np.ndarray:
+    return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType.Q4_1).reshape(n, k)
+
+
+def _synthetic(k=128, n=6, group_size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-k // group_size)
+    q = torch.randint(0, 16, (k, n), generator=g)
+    q[::16] = 0  # every block of 32 holds the codes 0 and 15 in each row
+    q[1::16] = 15
+    z = torch.randint(0, 16, (groups, n), generator=g)
+    s = (torch.rand(groups, n, generator=g) * 0.02 + 1e-3).half().float()
+    g_idx = torch.arange(k) // group_size
+    return q, z, s, g_idx
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_pack_q4_1_is_what_gguf_py_decodes_and_quantises(group_size):
+    q, z, s, g_idx = _synthetic(group_size=group_size)
+    k, n = q.shape
+    rows = pack_q4_1(q, z, s, g_idx)
+    assert rows.dtype == np.uint8 and rows.shape == (n, k // 32 * 20)
+    decoded = _q4_1(rows, n, k)
+    w = (s[g_idx] * (q - z[g_idx]).float()).t().numpy()
+    m = (-(s * z.float()))[g_idx].t().numpy()
+    err = np.abs(decoded - w)
+    assert np.all(err <= np.abs(m) * 2.0**-11 + 1e-7), err.max()  # only m = -s*z is rounded (to fp16)
+    assert err.max() > 0  # and it is rounded: the check is not vacuous
+    # gguf-py's own Q4_1 quantiser, fed the decoded weights (each block spans codes 0..15), writes the same bytes:
+    assert np.array_equal(gguf.quants.quantize(decoded, gguf.GGMLQuantizationType.Q4_1), rows)
+
+
+def test_pack_q4_1_refuses_blocks_that_span_groups():
+    q, z, s, _ = _synthetic(k=128, group_size=16)
+    with pytest.raises(GGUFExportError, match="multiple of 32"):
+        pack_q4_1(q, z[:8], s[:8], torch.arange(128) // 16)
+    act_order = torch.randperm(128, generator=torch.Generator().manual_seed(0)) // 64
+    with pytest.raises(GGUFExportError, match="act-order"):
+        pack_q4_1(q, z[:2], s[:2], act_order)
+    with pytest.raises(GGUFExportError, match="in_features=48"):
+        pack_q4_1(q[:48], z[:1], s[:1], torch.zeros(48, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------------
+# A real tiny export (4-bit g32 asym), written through the CLI, and llama.cpp's reference conversion
+
+
+@pytest.fixture(scope="module")
+def exported(gptq_checkpoint, tmp_path_factory):
+    from qalora_hf.cli import main
+
+    src = gptq_checkpoint(4, False, False)
+    out = tmp_path_factory.mktemp("gguf") / "tiny-Q4_1.gguf"
+    assert main(["gguf", str(src), "-o", str(out), "--tokenizer-pre", TOKENIZER_PRE, "--model-name", MODEL_NAME]) == 0
+    return src, out
+
+
+@pytest.fixture(scope="module")
+def reference(exported, tmp_path_factory):
+    """llama.cpp's converter, unmodified, on the model dequantised by gptqmodel's own dequantize_weight()."""
+    src, _ = exported
+    root = tmp_path_factory.mktemp("gguf-ref")
+    float_dir = dequantized_float_checkpoint(src, root / "float")
+    return reference_gguf(float_dir, root / "ref-f32.gguf", float_type="f32", tokenizer_pre=TOKENIZER_PRE, model_name=MODEL_NAME)
+
+
+def test_every_q4_1_tensor_decodes_to_gptqmodels_dequantised_weight(exported, load_tiny_gptq):
+    from qalora_hf.model import gptq_layers
+
+    src, out = exported
+    model = load_tiny_gptq(4)
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    reader = gguf.GGUFReader(str(out))
+    tensors = {t.name: t for t in reader.tensors}
+    layers = gptq_layers(model)
+    assert len(layers) == 14
+    for prefix, layer in layers.items():
+        t = tensors[names.get_name(prefix) + ".weight"]
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q4_1
+        decoded = gguf.quants.dequantize(t.data, t.tensor_type)
+        with torch.no_grad():
+            w = layer.dequantize_weight().t().float().numpy()  # gptqmodel's own dequantisation, [N, K]
+        heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(prefix.rsplit(".", 1)[-1])
+        if heads:  # llama.cpp's Llama converter permutes the q/k rows (LlamaModel.permute)
+            w = w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+        step = np.abs(w).max()
+        assert decoded.shape == w.shape
+        assert np.abs(decoded - w).max() <= step * 2.0**-10, prefix  # fp16 rounding of m only
+    report = check_gguf(out, src)
+    assert report["tensors"] == 14 and 0 < report["max_err_over_step"] < 0.01
+
+
+def test_metadata_and_float_tensors_match_llama_cpps_own_conversion(exported, reference, tiny_tok):
+    _, out = exported
+    cmp = compare_with_reference(out, reference)
+    assert set(cmp["metadata_diff"]) == {"general.file_type"}, cmp["metadata_diff"]
+    assert cmp["metadata_diff"]["general.file_type"] == (int(gguf.LlamaFileType.MOSTLY_Q4_1), int(gguf.LlamaFileType.ALL_F32))
+    assert cmp["tensor_names_equal"] and cmp["float_tensors_differ"] == []
+    assert cmp["q4_1_tensors"] == 14 and cmp["q4_1_max_err_over_ref_absmax"] < 2e-3
+
+    md = gguf_metadata(out)
+    cfg = json.loads((exported[0] / "config.json").read_text())
+    assert md["general.architecture"] == "llama" and md["general.name"] == MODEL_NAME
+    assert md["llama.block_count"] == cfg["num_hidden_layers"] == 2
+    assert md["llama.embedding_length"] == 64 and md["llama.feed_forward_length"] == 128
+    assert md["llama.attention.head_count"] == 4 and md["llama.attention.head_count_kv"] == 2
+    assert md["tokenizer.ggml.model"] == "gpt2" and md["tokenizer.ggml.pre"] == TOKENIZER_PRE
+    vocab = sorted(tiny_tok.get_vocab().items(), key=lambda kv: kv[1])
+    assert md["tokenizer.ggml.tokens"] == [tok for tok, _ in vocab]
+    assert md["tokenizer.ggml.eos_token_id"] == tiny_tok.eos_token_id and md["tokenizer.ggml.bos_token_id"] == tiny_tok.bos_token_id
+    assert md["tokenizer.chat_template"] == tiny_tok.chat_template
+    assert len(md["tokenizer.ggml.merges"]) > 0
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(out)).tensors}
+    assert "output.weight" not in types  # tied embeddings: llama.cpp reuses token_embd
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.F32  # float32 source, not fp16-exact: kept F32
+    assert all(v == gguf.GGMLQuantizationType.F32 for k, v in types.items() if k.endswith("_norm.weight"))
+
+
+def test_in_memory_merged_model_exports_the_same_tensors(exported, load_tiny_gptq, tiny_tok, tmp_path):
+    _, out = exported
+    mine = export_gguf(load_tiny_gptq(4), tmp_path / "mem.gguf", tokenizer=tiny_tok, tokenizer_pre=TOKENIZER_PRE, model_name=MODEL_NAME)
+    a = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(out)).tensors}
+    b = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(mine)).tensors}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusals: before anything is written, with a message that names what would export
+
+
+def _no_output(path: Path):
+    assert not path.exists() and not list(path.parent.glob(f".{path.name}.tmp-*"))
+
+
+@pytest.mark.parametrize("kind", ["bits8", "act_order", "group48", "float_dir", "adapter_dir"])
+def test_refusals_of_directories(kind, gptq_checkpoint, tiny_float_dir, tmp_path):
+    out = tmp_path / "x.gguf"
+    if kind == "bits8":
+        src, match = gptq_checkpoint(8, False, False), "bits=8.*Q4_1 holds 4 bits"
+    elif kind == "act_order":
+        src, match = gptq_checkpoint(4, True, False), "act-order"
+    elif kind == "group48":
+        src = tmp_path / "g48"
+        shutil.copytree(gptq_checkpoint(4, False, False), src)
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["quantization_config"]["group_size"] = 48
+        (src / "config.json").write_text(json.dumps(cfg))
+        match = "group_size=48 is not a multiple of 32"
+    elif kind == "float_dir":
+        src, match = tiny_float_dir, "float model"
+    else:
+        src = tmp_path / "adapter"
+        src.mkdir()
+        (src / "adapter_config.json").write_text("{}")
+        match = "merge it into its GPTQ base first"
+    with pytest.raises(GGUFExportError, match=match) as err:
+        export_gguf(src, out)
+    if kind != "float_dir" and kind != "adapter_dir":
+        assert "bits=4" in str(err.value) and "desc_act=False" in str(err.value)  # names what would export
+    _no_output(out)
+
+
+def test_refusals_of_models_with_adapters_and_float_models(load_tiny_gptq, tiny_float_dir, tiny_tok, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qalora_hf import QALoraConfig, get_qalora_model
+
+    out = tmp_path / "x.gguf"
+    peft_model = get_qalora_model(load_tiny_gptq(4), QALoraConfig(r=4))
+    with pytest.raises(GGUFExportError, match="merge first with qalora_hf.merge_qalora"):
+        export_gguf(peft_model, out, tokenizer=tiny_tok)
+    with pytest.raises(GGUFExportError, match="merge first"):
+        export_gguf(peft_model.base_model.model, out, tokenizer=tiny_tok)  # LoRA layers still inside
+    with pytest.raises(GGUFExportError, match="float model"):
+        export_gguf(AutoModelForCausalLM.from_pretrained(tiny_float_dir), out, tokenizer=tiny_tok)
+    with pytest.raises(GGUFExportError, match="float_type"):
+        export_gguf(load_tiny_gptq(4), out, tokenizer=tiny_tok, float_type="q8_0")
+    _no_output(out)
+
+
+def test_existing_file_is_kept_and_unknown_pre_tokenizer_is_named(exported, tmp_path):
+    src, _ = exported
+    out = tmp_path / "keep.gguf"
+    out.write_bytes(b"previous")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_gguf(src, out)
+    assert out.read_bytes() == b"previous"
+    # the converter's own tokenizer detection runs and fails on the tiny tokenizer: a clear error, nothing replaced
+    with pytest.raises(GGUFExportError, match="tokenizer_pre"):
+        export_gguf(src, out, overwrite=True)
+    assert out.read_bytes() == b"previous" and not list(tmp_path.glob(".keep.gguf.tmp-*"))
+
+
+def test_cli_refuses_before_loading_anything(gptq_checkpoint, tmp_path, capsys):
+    from qalora_hf.cli import main
+
+    assert main(["gguf", str(gptq_checkpoint(8, False, False)), "-o", str(tmp_path / "x.gguf")]) == 2
+    assert "bits=8" in capsys.readouterr().err
+    assert main(["gguf", str(tmp_path / "missing"), "-o", str(tmp_path / "x.gguf")]) == 2
+    assert main(["gguf", str(gptq_checkpoint(4, False, False)), "-o", str(tmp_path / "x.bin")]) == 2
+    _no_output(tmp_path / "x.gguf")
+
+
+# --------------------------------------------------------------------------------------------------
+# llama.cpp itself (llama-cpp-python; not installed in CI: `make install-llama`)
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed (make install-llama)")
+def test_llama_cpp_runs_the_export_like_transformers_runs_the_gptq_model(exported, load_tiny_gptq, tiny_tok):
+    from qalora_hf.evaluate import completion_loss
+    from qalora_hf.gguf_export import _llama, llama_cpp_completion_loss
+    from qalora_hf.testing.tiny import TINY_TEXTS
+
+    _, out = exported
+    model = load_tiny_gptq(4)
+    ids = tiny_tok(TINY_TEXTS[3])["input_ids"]
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    llm = _llama(out, n_ctx=64, n_threads=1, logits_all=True)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)])
+    llm.close()
+    # close, not bit-identical: llama.cpp rounds the activations to Q8_1 in its Q4_1 dot product
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max() + 1e-3
+    pairs = [(t.split("Response:")[0] + "Response:", t.split("Response:")[1]) for t in TINY_TEXTS[:8]]
+    ours = llama_cpp_completion_loss(out, tiny_tok, pairs, n_threads=1)
+    theirs = completion_loss(model, tiny_tok, pairs)
+    assert ours["rows"] == 8 and ours["same_tokens"] == 8  # llama.cpp's tokenizer (from the GGUF) splits as HF does
+    assert abs(ours["loss"] - theirs) < 0.01
