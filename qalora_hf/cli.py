@@ -359,7 +359,10 @@ def cmd_gguf(args) -> int:
         from .gguf_export import push_gguf_to_hub
 
         _log(f"pushing to {args.push_to_hub}")
-        commit = push_gguf_to_hub(out, args.push_to_hub, gptq_dir=path, gptq_repo_id=args.gptq_repo_id, private=args.private)
+        from .card import ALPACA_OLLAMA_TEMPLATE
+
+        commit = push_gguf_to_hub(out, args.push_to_hub, gptq_dir=path, gptq_repo_id=args.gptq_repo_id, private=args.private,
+                                  prompt_template=ALPACA_OLLAMA_TEMPLATE if args.alpaca_template else None)
     rows = [("gguf", str(out)), ("size", f"{out.stat().st_size / 2**20:.1f} MiB")] + [(k, str(v)) for k, v in summary.items()]
     if commit:
         rows.append(("pushed", f"{args.push_to_hub}@{commit[:12]}"))
@@ -421,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "repo (Hub convention: the GPTQ repo's name + '-GGUF')")
     g.add_argument("--gptq-repo-id", help="Hub id of the GPTQ repo this GGUF was made from (card metadata and links)")
     g.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    g.add_argument("--alpaca-template", action="store_true", help="the pushed ollama Modelfile uses the Alpaca prompt "
+                   "(for models fine-tuned on it); default: ollama uses the chat template stored in the GGUF")
     g.set_defaults(func=cmd_gguf)
     return parser
 

@@ -1022,14 +1022,15 @@ def alpaca_heldout_pairs(dataset_path: str | os.PathLike, num_rows: int = 99) ->
 
 
 def gguf_heldout_fidelity(gguf_path, gptq_dir, pairs, *, loss_base: Optional[float] = None, loss_trained: Optional[float] = None,
-                          max_length: int = 256, n_threads: Optional[int] = None, gptq_model=None) -> dict:
+                          max_length: int = 256, n_threads: Optional[int] = None, gptq_model=None,
+                          loss_gptq: Optional[float] = None) -> dict:
     """Held-out loss of the GGUF in llama.cpp next to the GPTQ export's in transformers, on the same rows
     and the same token ids (:func:`llama_cpp_completion_loss`, :func:`qalora_hf.evaluate.completion_loss`).
 
     Args:
         gguf_path: the Q4_1 file (:func:`export_gguf`); gptq_dir: the GPTQ export it was made from (its
             tokenizer is used for both; the model is loaded with stock ``from_pretrained`` unless
-            ``gptq_model`` is given).
+            ``gptq_model`` is given, or skipped when ``loss_gptq`` is already known for these rows).
         pairs: (prompt, completion) rows, e.g. :func:`alpaca_heldout_pairs`.
         loss_base, loss_trained: held-out losses of the base GPTQ model and of the trained (unmerged)
             model on the same rows, for the fraction of the fine-tuning gain each export keeps.
@@ -1046,8 +1047,9 @@ def gguf_heldout_fidelity(gguf_path, gptq_dir, pairs, *, loss_base: Optional[flo
     pairs = list(pairs)
     tokenizer = AutoTokenizer.from_pretrained(gptq_dir)
     lc = llama_cpp_completion_loss(gguf_path, tokenizer, pairs, max_length=max_length, n_threads=n_threads)
-    model = gptq_model if gptq_model is not None else AutoModelForCausalLM.from_pretrained(gptq_dir, dtype=torch.float32).eval()
-    loss_gptq = completion_loss(model, tokenizer, pairs, max_length=max_length)
+    if loss_gptq is None:
+        model = gptq_model if gptq_model is not None else AutoModelForCausalLM.from_pretrained(gptq_dir, dtype=torch.float32).eval()
+        loss_gptq = completion_loss(model, tokenizer, pairs, max_length=max_length)
     out = {"rows": lc["rows"], "tokens": lc["tokens"], "same_tokens": lc["same_tokens"], "loss_gguf": lc["loss"],
            "loss_gptq": loss_gptq, "diff": lc["loss"] - loss_gptq, "gain_kept_gguf": None, "gain_kept_gptq": None}
     if loss_base is not None and loss_trained is not None:

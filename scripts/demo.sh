@@ -35,6 +35,14 @@ $PY -m accelerate.commands.launch --num_cpu_threads_per_process "$(nproc)" --con
   --output_dir "$OUT/run" --push_to_hub true --hub_model_id "$REPO_ID" ${DEMO_ARGS:-}
 stamp
 
-echo "== 3/4 + 4/4 fresh process: from_pretrained('$REPO_ID') from the Hub, evaluate, update the card"
-$PY scripts/demo_report.py --repo-id "$REPO_ID" --run-dir "$OUT/run" --report "$OUT/results.md"
+GGUF_REPO_ID="${REPO_ID}-GGUF"
+GGUF_FILE="$(basename "$REPO_ID")-Q4_1.gguf"
+echo "== GGUF Q4_1 for llama.cpp / ollama: lossless repack of the merged integers, checked with gguf-py, pushed to $GGUF_REPO_ID"
+$PY -m qalora_hf.cli gguf "$OUT/run/export" -o "$OUT/gguf/$GGUF_FILE" --overwrite \
+  --push-to-hub "$GGUF_REPO_ID" --gptq-repo-id "$REPO_ID" --alpaca-template
+stamp
+
+echo "== 3/4 + 4/4 fresh process: from_pretrained('$REPO_ID') from the Hub, evaluate (and the GGUF in llama.cpp), update the cards"
+$PY scripts/demo_report.py --repo-id "$REPO_ID" --run-dir "$OUT/run" --report "$OUT/results.md" \
+  --gguf-repo-id "$GGUF_REPO_ID" --gguf-file "$GGUF_FILE"
 echo "== done in $((SECONDS / 60)) min $((SECONDS % 60)) s"

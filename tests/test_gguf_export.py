@@ -260,3 +260,47 @@ def test_llama_cpp_runs_the_export_like_transformers_runs_the_gptq_model(exporte
     theirs = completion_loss(model, tiny_tok, pairs)
     assert ours["rows"] == 8 and ours["same_tokens"] == 8  # llama.cpp's tokenizer (from the GGUF) splits as HF does
     assert abs(ours["loss"] - theirs) < 0.01
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub: the -GGUF sibling repo (real huggingface_hub client against the local Hub-protocol server), cards
+
+
+def test_push_gguf_repo_with_card_and_modelfile(exported, hub, tmp_path):
+    from huggingface_hub import HfApi, ModelCard, hf_hub_download
+
+    from qalora_hf.card import ALPACA_OLLAMA_TEMPLATE
+    from qalora_hf.gguf_export import push_gguf_to_hub
+
+    src, out = exported
+    fid = {"loss_gguf": 1.5931, "loss_gptq": 1.5925, "gain_kept_gguf": 0.97, "gain_kept_gptq": 0.974, "rows": 99}
+    commit = push_gguf_to_hub(out, "demo-user/tiny-qalora-GGUF", gptq_dir=src, gptq_repo_id="demo-user/tiny-qalora",
+                              fidelity=fid, prompt_template=ALPACA_OLLAMA_TEMPLATE)
+    assert len(commit) == 40
+    files = set(HfApi().list_repo_files("demo-user/tiny-qalora-GGUF"))
+    assert files >= {out.name, "README.md", "Modelfile"}
+    got = hf_hub_download("demo-user/tiny-qalora-GGUF", out.name, cache_dir=tmp_path / "dl")
+    assert Path(got).read_bytes() == out.read_bytes()
+    assert check_gguf(got, src)["tensors"] == 14
+    modelfile = Path(hf_hub_download("demo-user/tiny-qalora-GGUF", "Modelfile", cache_dir=tmp_path / "dl")).read_text()
+    assert modelfile.startswith(f"FROM ./{out.name}\n") and "### Response:" in modelfile
+    card = ModelCard.load(hf_hub_download("demo-user/tiny-qalora-GGUF", "README.md", cache_dir=tmp_path / "dl"))
+    assert card.data.base_model == ["demo-user/tiny-qalora"] and card.data.base_model_relation == "quantized"
+    assert card.data.library_name == "gguf" and "q4_1" in card.data.tags
+    for text in (f"llama-cli -m {out.name}", f"llama-completion -m {out.name}", "ollama create", "| fine-tuning gain kept, GGUF in llama.cpp | 97.0% |",
+                 "+0.0006"):
+        assert text in card.text, text
+
+
+def test_gptq_card_has_the_llama_cpp_section_and_the_demo_replaces_it():
+    from qalora_hf.card import LLAMA_CPP_HEADING, build_model_card, llama_cpp_section, replace_section
+
+    card = build_model_card(repo_id="u/m", base_model="u/base", qalora_config={"r": 16}, training_args={}, bits=4, group_size=32,
+                            desc_act=False, framework_versions={})
+    text = str(card)
+    assert LLAMA_CPP_HEADING in text and "qalora-hf gguf" in text and "## Training" in text
+    new = replace_section(text, LLAMA_CPP_HEADING, llama_cpp_section("u/m-GGUF", "m-Q4_1.gguf", {"gain_kept_gguf": 0.95}))
+    assert new.count(LLAMA_CPP_HEADING) == 1 and "hf download u/m-GGUF m-Q4_1.gguf" in new and "95.0%" in new
+    assert new.index(LLAMA_CPP_HEADING) < new.index("## Training")  # the rest of the card is kept, in place
+    assert new.replace(new[new.index(LLAMA_CPP_HEADING):new.index("## Training")], "") == \
+        text.replace(text[text.index(LLAMA_CPP_HEADING):text.index("## Training")], "")
