@@ -15,7 +15,7 @@ names, the q/k row permutation of Llama, embeddings, norms, an unquantised ``lm_
 **llama.cpp's own converter** (``convert_hf_to_gguf.py`` and its ``conversion/`` package, with its own
 ``gguf-py``), run unmodified in a subprocess.  We subclass the converter's model class for the
 architecture and change three things only: (1) instead of dequantising GPTQ, each GPTQ layer's weight
-enters the converter as its pre-packed ``Q4_1`` rows (uint8 values carried in a float32 tensor, so every
+enters the converter as its pre-packed ``Q4_1`` rows (uint8 values carried in a float16 tensor, exact for 0..255, so every
 row operation of the converter, such as Llama's q/k head permutation, moves whole blocks unchanged);
 (2) those tensors leave it as ``Q4_1`` bytes instead of being quantised again; (3) ``general.file_type``
 says ``MOSTLY_Q4_1``.  The converter is not on PyPI on its own; :func:`llama_cpp_converter` takes it from
@@ -400,7 +400,8 @@ def _run_converter(spec: dict, converter: Path) -> None:
                 raise GGUFExportError(line[len(marker):])
         raise RuntimeError(f"llama.cpp's converter failed (exit {result.returncode}):\n{tail}")
     for line in result.stderr.splitlines():
-        if "WARNING" in line:
+        # transformers 5 configs say rope_type "default", which this converter does not name (it writes no scaling: right)
+        if "WARNING" in line and "Unknown RoPE type: default" not in line:
             logger.warning("converter: %s", line)
 
 
@@ -456,10 +457,10 @@ def _converter_main(spec_path: str) -> None:  # runs in the subprocess
 
             def add_tensor(name, tensor, raw_shape=None, raw_dtype=None, tensor_endianess=None):
                 if name in self._packed_out:
-                    if tensor.dtype != np.float32 or tensor.shape[-1] % Q4_1_BLOCK_BYTES:
+                    if tensor.dtype != np.float16 or tensor.shape[-1] % Q4_1_BLOCK_BYTES:
                         raise GGUFExportError(f"{name}: the converter changed the packed Q4_1 rows ({tensor.dtype}, {tensor.shape}).")
                     raw = tensor.astype(np.uint8)
-                    if not np.array_equal(raw.astype(np.float32), tensor):
+                    if not np.array_equal(raw.astype(np.float16), tensor):
                         raise GGUFExportError(f"{name}: the converter changed the values of the packed Q4_1 rows (architecture {arch}).")
                     tensor, raw_dtype = raw, gguf.GGMLQuantizationType.Q4_1
                 writer_add(name, tensor, raw_shape=raw_shape, raw_dtype=raw_dtype, tensor_endianess=tensor_endianess)
@@ -473,7 +474,8 @@ def _converter_main(spec_path: str) -> None:  # runs in the subprocess
                 prefix = prefix_weight[: -len(".weight")]
                 for suffix in (".qweight", ".qzeros", ".scales", ".g_idx"):
                     self.model_tensors.pop(prefix + suffix, None)
-                self.model_tensors[prefix_weight] = lambda rows=rows: torch.from_numpy(rows.astype(np.float32))
+                # fp16 holds 0..255 exactly and is a dtype the converter passes through unchanged
+                self.model_tensors[prefix_weight] = lambda rows=rows: torch.from_numpy(rows.astype(np.float16))
             left = [k for k in self.model_tensors if k.endswith((".qweight", ".qzeros", ".g_idx"))]
             if left:
                 raise GGUFExportError(f"GPTQ tensor {left[0]} was not packed.")
@@ -496,7 +498,7 @@ def _converter_main(spec_path: str) -> None:  # runs in the subprocess
 
         def tensor_force_quant(self, name, new_name, bid, n_dims):
             if new_name in self._packed_out:
-                return gguf.GGMLQuantizationType.F32  # kept as is here; written as Q4_1 bytes by add_tensor
+                return gguf.GGMLQuantizationType.F16  # kept as is here (fp16 bytes); written as Q4_1 by add_tensor
             return super().tensor_force_quant(name, new_name, bid, n_dims)
 
         def prepare_metadata(self, vocab_only):
@@ -715,9 +717,17 @@ def check_gguf(gguf_path: str | os.PathLike, gptq_dir: str | os.PathLike) -> dic
     q41 = {t.name: t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q4_1}
     hparams = json.loads((Path(gptq_dir) / "config.json").read_text())
     by_shape: dict[tuple, list] = {}
-    for t in q41.values():
-        decoded = dequantize(t.data, GGMLQuantizationType.Q4_1)  # [N, K] float32
-        by_shape.setdefault(decoded.shape, []).append((t.name, decoded))
+    for t in q41.values():  # decoded on demand (a 7B model decoded at once would need 28 GB)
+        by_shape.setdefault(tuple(int(x) for x in reversed(t.shape)), []).append((t.name, t))
+    name_map = None
+    try:  # gguf-py's own HF -> GGUF tensor names, to find each layer's tensor directly
+        import gguf as _gguf
+
+        arch_enum = {v: k for k, v in _gguf.MODEL_ARCH_NAMES.items()}[arch]
+        blocks = int(reader.fields[f"{arch}.block_count"].parts[-1][0])
+        name_map = _gguf.get_tensor_name_map(arch_enum, blocks)
+    except (KeyError, ValueError, AttributeError):
+        pass
     used, worst_abs, worst_rel, n = set(), 0.0, 0.0, 0
     for prefix, ints in read_gptq_layers(gptq_dir):
         ref = _permute_like_converter(arch, prefix, ints.dequantize().numpy(), hparams)
@@ -726,8 +736,15 @@ def check_gguf(gguf_path: str | os.PathLike, gptq_dir: str | os.PathLike) -> dic
         m = _permute_like_converter(arch, prefix, m, hparams)
         tol = np.abs(m) * 2.0**-11 + np.abs(ref) * 2.0**-22 + 1e-30  # half an fp16 ulp of m, + fp32 rounding
         match = None
-        for name, decoded in by_shape.get(ref.shape, []):
-            if name not in used and np.all(np.abs(decoded - ref) <= tol):
+        mapped = name_map.get_name(prefix) if name_map is not None else None
+        candidates = by_shape.get(ref.shape, [])
+        if mapped and mapped + ".weight" in q41:  # try the mapped name first, then any same-shaped tensor
+            candidates = sorted(candidates, key=lambda c: c[0] != mapped + ".weight")
+        for name, t in candidates:
+            if name in used:
+                continue
+            decoded = dequantize(t.data, GGMLQuantizationType.Q4_1)  # [N, K] float32
+            if np.all(np.abs(decoded - ref) <= tol):
                 match = (name, decoded)
                 break
         assert match is not None, f"{prefix}: no Q4_1 tensor of {gguf_path} decodes to its GPTQ weight within the fp16 rounding of m"
