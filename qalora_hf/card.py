@@ -472,7 +472,7 @@ def llama_cpp_section(gguf_repo_id: Optional[str], gguf_filename: str, fidelity:
             f"The same merged integers run in llama.cpp (and ollama, LM Studio) from [`{gguf_repo_id}`](https://huggingface.co/{gguf_repo_id}), "
             f"file `{gguf_filename}`: a GGUF `Q4_1` file whose every 4-bit weight is the GPTQ code itself, each GPTQ group written "
             "as GGUF blocks with `d = s` and `m = -s*z` (fp16), with no second quantisation (only `m` is rounded to fp16, "
-            "under 1 % of a quantisation step). Embeddings and norms are stored unrounded.",
+            "under 1 % of a quantisation step). Everything else was written by llama.cpp's own converter.",
             "",
             "```bash",
             f"hf download {gguf_repo_id} {gguf_filename} Modelfile --local-dir .",

@@ -989,8 +989,9 @@ def llama_cpp_completion_loss(gguf_path, tokenizer, pairs, max_length: int = 256
 
     Returns:
         ``{"loss": float, "tokens": int, "rows": int, "same_tokens": int}``; ``same_tokens`` counts the rows
-        whose ``prompt + completion`` llama.cpp's own tokenizer (from the GGUF metadata) splits into the same
-        ids as the Hugging Face tokenizer.
+        whose text ``prompt + completion`` llama.cpp's own tokenizer (from the GGUF metadata) splits into the
+        same ids as the Hugging Face tokenizer (a check of the GGUF's tokenizer metadata; the loss itself
+        uses the Hugging Face ids for both engines).
 
     Raises:
         ImportError: llama-cpp-python is not installed (the message gives the install command).
@@ -1001,7 +1002,8 @@ def llama_cpp_completion_loss(gguf_path, tokenizer, pairs, max_length: int = 256
     for prompt, completion in pairs:
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(((p + c)[:max_length], ([-100] * len(p) + c)[:max_length], prompt + completion, p + c[:-1]))
+        rows.append(((p + c)[:max_length], ([-100] * len(p) + c)[:max_length], prompt + completion,
+                     tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]))
     llm = _llama(gguf_path, n_ctx=max(max_length, 64), n_threads=n_threads, logits_all=True)
     total, count, same = 0.0, 0, 0
     for ids, labels, text, plain in rows:

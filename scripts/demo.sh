@@ -39,7 +39,7 @@ GGUF_REPO_ID="${REPO_ID}-GGUF"
 GGUF_FILE="$(basename "$REPO_ID")-Q4_1.gguf"
 echo "== GGUF Q4_1 for llama.cpp / ollama: lossless repack of the merged integers, checked with gguf-py, pushed to $GGUF_REPO_ID"
 $PY -m qalora_hf.cli gguf "$OUT/run/export" -o "$OUT/gguf/$GGUF_FILE" --overwrite \
-  --push-to-hub "$GGUF_REPO_ID" --gptq-repo-id "$REPO_ID" --alpaca-template
+  --model-name "$(basename "$REPO_ID")" --push-to-hub "$GGUF_REPO_ID" --gptq-repo-id "$REPO_ID" --alpaca-template
 stamp
 
 echo "== 3/4 + 4/4 fresh process: from_pretrained('$REPO_ID') from the Hub, evaluate (and the GGUF in llama.cpp), update the cards"
