@@ -304,3 +304,15 @@ def test_gptq_card_has_the_llama_cpp_section_and_the_demo_replaces_it():
     assert new.index(LLAMA_CPP_HEADING) < new.index("## Training")  # the rest of the card is kept, in place
     assert new.replace(new[new.index(LLAMA_CPP_HEADING):new.index("## Training")], "") == \
         text.replace(text[text.index(LLAMA_CPP_HEADING):text.index("## Training")], "")
+
+
+def test_converter_location(tmp_path, monkeypatch):
+    from qalora_hf.gguf_export import CONVERTER_ENV_VAR, llama_cpp_converter
+
+    monkeypatch.setenv(CONVERTER_ENV_VAR, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not a llama.cpp source tree"):
+        llama_cpp_converter()
+    monkeypatch.delenv(CONVERTER_ENV_VAR)
+    pinned = llama_cpp_converter()  # the pinned converter (fetched into the cache once, sha256-checked)
+    assert (pinned / "convert_hf_to_gguf.py").is_file() and "MIT" in (pinned / "LICENSE").read_text()
+    assert llama_cpp_converter(pinned) == pinned
