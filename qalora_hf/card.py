@@ -8,7 +8,6 @@ local absolute path and no machine user name may reach a public repo.
 
 from __future__ import annotations
 
-import getpass
 import importlib.metadata
 import math
 import os
@@ -20,15 +19,13 @@ from typing import Any, Iterable, Optional
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .evaluate import gain_kept  # fraction of the fine-tuning gain an export keeps (also used by the CLI)
+from .safety import assert_no_secrets, find_secrets  # noqa: F401  (re-exported: the card's checks)
 
 TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "qalora_gptq.md"
 
 FRAMEWORKS = ("torch", "transformers", "peft", "trl", "optimum", "gptqmodel", "huggingface_hub")
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
-# An absolute path under a local root, not preceded by a word character, '.', '/' or ':' (so URLs pass).
-_LOCAL_PATH = re.compile(r"(?<![\w./:~-])(?:~/|/(?:root|home|tmp|work|Users|var/folders|private|mnt|scratch)(?=/|\b))")
 
 # The SFT settings shown when the training arguments are a full TrainingArguments/SFTConfig dump.
 SFT_KEYS = (
@@ -70,64 +67,6 @@ MERGE_LABELS = {
 
 # --------------------------------------------------------------------------------------------------
 # Secrets and local paths
-
-
-def _local_markers() -> list[str]:
-    """Literal strings that identify this machine: home, cwd, user name."""
-    markers = []
-    for p in (str(Path.home()), os.getcwd()):
-        if p and p not in ("/", "\\") and len(p) > 1:
-            markers.append(p)
-    return markers
-
-
-def _user_name() -> Optional[str]:
-    try:
-        return getpass.getuser()
-    except Exception:  # no user database entry (containers)
-        return None
-
-
-def find_secrets(text: str) -> list[str]:
-    """What :func:`assert_no_secrets` objects to in ``text``, each described without the secret itself."""
-    found = []
-    if _TOKEN.search(text):
-        found.append("a Hugging Face token (hf_...)")
-    for env in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        value = os.environ.get(env)
-        if value and value in text:
-            found.append(f"the value of ${env}")
-    try:
-        from huggingface_hub import get_token
-
-        stored = get_token()
-    except Exception:
-        stored = None
-    if stored and stored in text:
-        found.append("the stored Hugging Face token")
-    match = _LOCAL_PATH.search(text)
-    if match:
-        found.append(f"a local absolute path ({text[match.start():match.start() + 40].split()[0]!r}...)")
-    for marker in _local_markers():
-        if marker in text:
-            found.append(f"a local path ({marker!r})")
-    user = _user_name()
-    if user and len(user) >= 2 and re.search(rf"(?<![A-Za-z0-9_]){re.escape(user)}(?![A-Za-z0-9_])", text):
-        found.append(f"the machine user name ({user!r})")
-    return found
-
-
-def assert_no_secrets(text: str) -> None:
-    """Raise ``ValueError`` if ``text`` holds a Hub token, a local absolute path or the machine user name.
-
-    Checked: ``hf_`` tokens and the values of ``$HF_TOKEN`` / the stored login; absolute paths under
-    ``/root``, ``/home``, ``/tmp``, ``/work``, ``/Users``, ``~/`` ...; the current home directory and
-    working directory; the user name as a whole word.
-    """
-    found = find_secrets(text)
-    if found:
-        raise ValueError("the model card would publish " + "; ".join(dict.fromkeys(found)) +
-                         ". Remove it from the card inputs (training_args, names, metrics) before exporting.")
 
 
 def _relativise(value: Any) -> Any:

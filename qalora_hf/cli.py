@@ -80,8 +80,12 @@ def _check_adapter(adapter: str) -> dict:
     if not config.get("use_qalora", False):
         raise UsageError(f"--adapter {adapter} is a plain LoRA adapter (use_qalora is not true); only QA-LoRA adapters "
                          "merge into GPTQ zero-points")
-    if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise UsageError(f"--adapter {adapter}: no adapter_model.safetensors")
+    from .safety import check_adapter_dir
+
+    try:
+        check_adapter_dir(path)
+    except FileNotFoundError as err:
+        raise UsageError(f"--adapter {adapter}: {err}") from None
     return config
 
 
@@ -282,7 +286,7 @@ def cmd_merge(args) -> int:
         extra_files["merge_report.json"].write_text(json.dumps({"metrics": metrics, **report.to_dict()}, indent=2) + "\n")
         _log(f"exporting to {args.output_dir}")
         out = export_gptq(merged, args.output_dir, tokenizer=tokenizer, card=model_card, adapter_dir=args.adapter,
-                          extra_files=extra_files, overwrite=args.overwrite)
+                          extra_files=extra_files, overwrite=args.overwrite, base_model_id=args.base_model_id)
 
     commit = None
     if args.push_to_hub:

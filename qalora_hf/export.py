@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from .safety import ADAPTER_FILES, assert_folder_publishable, check_adapter_dir  # noqa: F401
+
 logger = logging.getLogger(__name__)
 
 # Keys of GPTQConfig that describe the weights on disk (the rest are quantisation-time or load-time options).
@@ -86,6 +88,26 @@ def _atomic_replace(tmp: Path, target: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+def _copy_adapter(adapter_dir: Path, dest: Path, base_model_id: Optional[str]) -> None:
+    """Copy only :data:`ADAPTER_FILES`; ``base_model_name_or_path`` becomes ``base_model_id``, or loses its local directories."""
+    dest.mkdir(parents=True)
+    shutil.copyfile(adapter_dir / "adapter_model.safetensors", dest / "adapter_model.safetensors")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    recorded = config.get("base_model_name_or_path")
+    if base_model_id:
+        config["base_model_name_or_path"] = base_model_id
+    elif isinstance(recorded, str) and (Path(recorded).is_absolute() or recorded.startswith("~") or Path(recorded).exists()):
+        config["base_model_name_or_path"] = Path(recorded.rstrip("/")).name
+    (dest / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _check_extra_names(extra_files: dict) -> None:
+    for name in extra_files:
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or name.startswith("~") or "\\" in name:
+            raise ValueError(f"extra_files name {name!r} must be a relative path inside the export (no '..', not absolute).")
+
+
 def export_gptq(
     model,
     output_dir: str | os.PathLike,
@@ -95,14 +117,20 @@ def export_gptq(
     extra_files: Optional[dict[str, str | os.PathLike]] = None,
     overwrite: bool = False,
     max_shard_size: str = "2GB",
+    base_model_id: Optional[str] = None,
+    tokens: tuple = (),
 ) -> Path:
     """Write a GPTQ model (merged or not) atomically as a stock-loadable checkpoint.
 
     Writes sharded ``*.safetensors`` (with v1 ``qzeros``), ``config.json`` with a cleaned
     ``quantization_config`` (:func:`clean_quantization_config`), ``generation_config.json``, the
     tokenizer (with its chat template), ``README.md`` from ``card`` (a ``huggingface_hub.ModelCard``),
-    the PEFT adapter directory copied to ``adapter/``, and ``extra_files`` (``{relative name: source path}``,
-    e.g. a loss plot).  Everything goes into a temporary directory beside ``output_dir`` that is
+    the adapter's ``adapter_config.json`` + ``adapter_model.safetensors`` (only those: no pickle of a
+    checkpoint directory, such as ``training_args.bin`` with its ``hub_token``) in ``adapter/``, with
+    ``base_model_name_or_path`` set to ``base_model_id`` or stripped of local directories, and
+    ``extra_files`` (``{relative name: source path}``, e.g. a loss plot).  Before the rename every file is
+    checked by :func:`qalora_hf.safety.assert_folder_publishable` (no pickle, no token — ``tokens`` adds
+    exact values to look for —, no local path).  Everything goes into a temporary directory beside ``output_dir`` that is
     renamed into place only when complete, so an interrupted export leaves no half-written directory:
     ``output_dir`` is either absent or the previous complete export, and at most a hidden
     ``.<name>.tmp-<pid>-<hex>`` directory beside it, which the next export to the same ``output_dir``
@@ -114,6 +142,9 @@ def export_gptq(
     Raises:
         TypeError: ``model`` is a ``PeftModel`` (merge it first) or has no GPTQ layers.
         FileExistsError: ``output_dir`` exists and is not empty, and ``overwrite`` is False.
+        FileNotFoundError: ``adapter_dir`` lacks ``adapter_config.json`` / ``adapter_model.safetensors``.
+        ValueError: an ``extra_files`` name outside the export, or a file that would publish a pickle,
+            a token or a local path (nothing is renamed into place then).
     """
     from peft import PeftModel
 
@@ -127,8 +158,9 @@ def export_gptq(
     target = Path(output_dir).absolute()
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; choose another output_dir or pass overwrite=True.")
-    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"adapter_dir {adapter_dir} has no adapter_config.json.")
+    if adapter_dir is not None:
+        adapter_dir = check_adapter_dir(adapter_dir)
+    _check_extra_names(extra_files or {})
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp_dirs(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -152,12 +184,13 @@ def export_gptq(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if adapter_dir is not None:
-            shutil.copytree(adapter_dir, tmp / "adapter", ignore=shutil.ignore_patterns("README.md", "*.pt", "*.pth"))
+            _copy_adapter(adapter_dir, tmp / "adapter", base_model_id)
         for name, src in (extra_files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / name)
         if card is not None:
             card.save(tmp / "README.md")
+        assert_folder_publishable(tmp, tokens)
         _atomic_replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,6 +17,8 @@ from typing import TypeVar
 
 from huggingface_hub import HfApi, constants
 
+from .safety import assert_folder_publishable
+
 try:  # transport errors of the HTTP client used by huggingface_hub >= 1.0
     import httpx2
 
@@ -166,10 +168,12 @@ def push_gptq_to_hub(
 
     Raises:
         ValueError: Invalid ``folder`` (missing, or no ``config.json``), ``repo_id``, ``revision`` or
-            retry settings; raised before any network request.
+            retry settings, or a file in ``folder`` that holds a pickle, a Hub token or a local path
+            (:func:`qalora_hf.safety.assert_folder_publishable`); raised before any network request.
         HubPushError: A step failed for good; its message has every token redacted.
     """
     path = _validate(folder, repo_id, revision, max_retries, backoff_s)
+    assert_folder_publishable(path, [token])
     endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
     secrets = [token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
     api = HfApi(endpoint=endpoint, token=token)
