@@ -1,11 +1,13 @@
 """Writing a (merged) GPTQ model as a checkpoint that stock transformers + optimum + gptqmodel load.
 
-Why not plain ``save_pretrained``: with gptqmodel's torch kernels the in-memory zero-points are v2
-(the real ``z``), but ``save_pretrained`` writes them unchanged under whatever ``checkpoint_format``
-the config carries, so a v1-labelled checkpoint reloads with every zero-point off by one (DESIGN.md
-§3).  :func:`export_gptq` converts ``qzeros`` to v1 with gptqmodel's own converter and writes
-``checkpoint_format: "gptq"`` (v1), which transformers/optimum/gptqmodel, vLLM and most other GPTQ
-engines read.
+With gptqmodel's torch kernels the in-memory zero-points are v2 (the real ``z``), while the config
+says ``checkpoint_format: "gptq"`` (v1, ``z - 1`` on disk); plain ``save_pretrained`` would write the v2
+values under the v1 label and the reload would be off by one zero-point everywhere (docs/gptq_format.md).
+Every GPTQ model this package hands back carries
+:func:`qalora_hf.gptq_format.install_checkpoint_format_hooks`, so its ``save_pretrained`` and
+``push_to_hub`` write what the label says.  :func:`export_gptq` is the full-featured path: v1
+``qzeros`` (the format transformers/optimum/gptqmodel, vLLM and most other GPTQ engines read), a clean
+``quantization_config``, tokenizer, card, adapter and report, written atomically.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from .gptq_format import install_checkpoint_format_hooks, set_checkpoint_format
 from .safety import ADAPTER_FILES, assert_folder_publishable, check_adapter_dir  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -41,18 +44,6 @@ def clean_quantization_config(qc, *, sym: Optional[bool] = None) -> dict:
         out["sym"] = sym
     out["checkpoint_format"] = "gptq"
     return out
-
-
-def _v1_state_dict(model) -> dict[str, torch.Tensor]:
-    from .gptq_format import qzeros_v2_to_v1
-    from .model import gptq_layers
-
-    sd = {k: v for k, v in model.state_dict().items()}
-    for name, layer in gptq_layers(model).items():
-        key = f"{name}.qzeros"
-        if key in sd:
-            sd[key] = qzeros_v2_to_v1(layer.qzeros.detach().cpu(), int(layer.bits))
-    return sd
 
 
 def _pid_alive(pid: int) -> bool:
@@ -166,14 +157,11 @@ def export_gptq(
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir()
-        # transformers' GPTQ quantizer replaces a given state_dict with the in-memory (v2) one; detach
-        # it for the write so the v1 zero-points land on disk.
-        quantizer = getattr(model, "hf_quantizer", None)
-        model.hf_quantizer = None
-        try:
-            model.save_pretrained(tmp, state_dict=_v1_state_dict(model), max_shard_size=max_shard_size)
-        finally:
-            model.hf_quantizer = quantizer
+        # The export is v1 ("gptq"): label the model so, and let its state dict convert the in-memory
+        # zero-points to that label (install_checkpoint_format_hooks), as every later save_pretrained will.
+        set_checkpoint_format(model.config, "gptq")
+        install_checkpoint_format_hooks(model)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
         config_path = tmp / "config.json"
         config = json.loads(config_path.read_text())
         config["quantization_config"] = clean_quantization_config(qc)

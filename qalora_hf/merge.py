@@ -45,7 +45,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 
 from .adapter import group_delta
-from .gptq_format import GPTQTensors, read_layer, write_layer
+from .gptq_format import GPTQTensors, install_checkpoint_format_hooks, read_layer, write_layer
 
 logger = logging.getLogger(__name__)
 
@@ -462,5 +462,6 @@ def merge_qalora(
     hf_quantizer = getattr(merged, "hf_quantizer", None)
     if hf_quantizer is not None and hf_quantizer.quantization_config is not qc:
         hf_quantizer.quantization_config.sym = False
+    install_checkpoint_format_hooks(merged)  # merged.save_pretrained / push_to_hub write a correct checkpoint
     logger.info("merge: %s", report.totals)
     return merged, report

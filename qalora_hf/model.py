@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from .adapter import QALoraGPTQLinear, gptq_group_size, pooling_permutation
 from .config import QALoraConfig
-from .gptq_format import SUPPORTED_BITS
+from .gptq_format import SUPPORTED_BITS, install_checkpoint_format_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ def get_qalora_model(model, config: Optional[QALoraConfig] = None, adapter_name:
     """
     config = config or QALoraConfig()
     lora_config, names = _lora_config_for(model, config)
+    install_checkpoint_format_hooks(model)  # so the merged model's save_pretrained writes a correct checkpoint
     peft_model = get_peft_model(model, _register(lora_config), adapter_name=adapter_name)
     n_adapted = sum(isinstance(m, QALoraGPTQLinear) for m in peft_model.modules())
     if n_adapted != len(names):
@@ -159,4 +160,5 @@ def load_qalora_adapter(model, adapter_path: str, is_trainable: bool = False, ad
     checked, _ = _lora_config_for(model, QALoraConfig.from_lora_config(lora_config))
     lora_config.target_modules = checked.target_modules
     lora_config.inference_mode = not is_trainable
+    install_checkpoint_format_hooks(model)
     return PeftModel.from_pretrained(model, adapter_path, config=_register(lora_config), is_trainable=is_trainable, adapter_name=adapter_name, **kwargs)
