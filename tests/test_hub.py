@@ -554,8 +554,9 @@ def test_lfs_uploads_need_a_signed_url_and_the_announced_size(hub, tmp_path):
     assert requests.put(href, data=data + b"more").status_code == 400  # more than announced
     assert requests.put(href, data=data[:-1]).status_code == 400
     assert requests.put(href.replace(oid, hashlib.sha256(b"x").hexdigest()), data=b"x").status_code == 403
+    assert requests.put(href, data=iter([data[:100], data[100:], b"!"])).status_code == 400  # chunked, too long
     assert not (hub.storage_dir / "blobs" / oid).exists() and _partial_uploads(hub.storage_dir) == []
-    assert requests.put(href, data=data).status_code == 200
+    assert requests.put(href, data=iter([data[:100], data[100:]])).status_code == 200  # chunked transfer
     assert (hub.storage_dir / "blobs" / oid).read_bytes() == data
 
 

@@ -458,13 +458,20 @@ class _Handler(BaseHTTPRequestHandler):
                 try:
                     size = int(self.rfile.readline(64).split(b";")[0].strip() or b"0", 16)
                 except ValueError:
-                    raise HubError(400, "Malformed chunked request body") from None
+                    size = -1
+                if size < 0:
+                    raise HubError(400, "Malformed chunked request body")
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                         pass
                     return
-                yield self.rfile.read(size)
-                self.rfile.readline()
+                while size > 0:  # never one read of a client-chosen size
+                    chunk = self.rfile.read(min(size, 1 << 20))
+                    if not chunk:
+                        return
+                    size -= len(chunk)
+                    yield chunk
+                self.rfile.readline(64)
         try:
             remaining = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -571,7 +578,7 @@ class _Handler(BaseHTTPRequestHandler):
         if repo["private"] and (self.user is None or repo_id.split("/", 1)[0] not in self.user):
             raise HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
 
-    def _json_body(self) -> object:
+    def _json_body(self) -> bytes:
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -599,7 +606,6 @@ class _Handler(BaseHTTPRequestHandler):
         return value
 
     # -- routing -----------------------------------------------------------------------------
-
     @property
     def store(self) -> _Store:
         return self.server.store
@@ -962,6 +968,9 @@ class HubServer:
         configured = dict(tokens or {})
         if token is not None:
             configured[token] = namespaces
+        elif ((namespaces,) if isinstance(namespaces, str) else tuple(namespaces)) != (USER_NAME,):
+            raise ValueError(f"namespaces={namespaces!r} given without a token: pass token=... (or --token / "
+                             "$HF_TOKEN) for them")
         self.tokens = _check_tokens(configured)
         if request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
