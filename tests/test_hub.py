@@ -573,7 +573,7 @@ def test_partial_uploads_are_removed_on_stall_and_on_disconnect(tmp_path):
     storage, size = tmp_path / "hub-storage", 8 << 20
     oid = hashlib.sha256(b"\0" * size).hexdigest()
     with HubServer(storage, token=TOKEN, request_timeout_s=0.5) as server:
-        with _start_partial_put(_lfs_upload_url(server.url, oid, size, repo=_create(server)), size, 1 << 20):
+        with _start_partial_put(_lfs_upload_url(server.url, oid, size, repo=_create(server.url)), size, 1 << 20):
             assert _wait_for(lambda: _partial_uploads(storage))  # the upload is under way
             assert _wait_for(lambda: not _partial_uploads(storage), timeout_s=10)  # stalled client: dropped
 
@@ -586,10 +586,10 @@ def test_partial_uploads_are_removed_on_stall_and_on_disconnect(tmp_path):
             HubServer(storage, token=TOKEN).start()
 
 
-def _create(server: HubServer) -> str:
+def _create(url: str) -> str:
     import requests
 
-    answer = requests.post(f"{server.url}/api/repos/create", headers=_auth(), json={"name": REPO.split("/")[1]})
+    answer = requests.post(f"{url}/api/repos/create", headers=_auth(), json={"name": REPO.split("/")[1]})
     assert answer.status_code == 200, answer.text
     return REPO
 
@@ -601,7 +601,7 @@ def test_partial_upload_of_a_killed_server_is_swept_at_start(tmp_path):
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         url = proc.stdout.readline().strip()
-        _create(type("S", (), {"url": url})())
+        _create(url)
         href = _lfs_upload_url(url, hashlib.sha256(b"\0" * size).hexdigest(), size)
         with _start_partial_put(href, size, 4 << 20):
             assert _wait_for(lambda: _partial_uploads(storage) and _partial_uploads(storage)[0].stat().st_size > 0)
