@@ -19,11 +19,12 @@ stamp
 SERVER_PID=""
 if [ -z "${HF_ENDPOINT:-}" ]; then
   echo "== local Hub-protocol server (stand-in for the Hub; storage $OUT/hub)"
-  $PY -m qalora_hf.testing.hub_server --port 0 --storage "$OUT/hub" > "$OUT/hub_server.url" &
+  export HF_TOKEN=${HF_TOKEN:-hf_local_demo_token_not_secret}  # the server's only token (read from $HF_TOKEN)
+  $PY -m qalora_hf.testing.hub_server --port 0 --storage "$OUT/hub" --namespace "${REPO_ID%%/*}" > "$OUT/hub_server.url" &
   SERVER_PID=$!
   trap '[ -n "$SERVER_PID" ] && kill $SERVER_PID 2>/dev/null || true' EXIT
   for _ in $(seq 100); do [ -s "$OUT/hub_server.url" ] && break; sleep 0.1; done
-  export HF_ENDPOINT=$(head -n1 "$OUT/hub_server.url") HF_TOKEN=${HF_TOKEN:-hf_local_demo_token_not_secret}
+  export HF_ENDPOINT=$(head -n1 "$OUT/hub_server.url")
   echo "   HF_ENDPOINT=$HF_ENDPOINT"
 fi
 
