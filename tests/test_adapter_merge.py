@@ -608,6 +608,34 @@ def test_our_adapter_loads_in_stock_peft(load_tiny_gptq, sample_input_ids, tmp_p
     assert (logits(stock, sample_input_ids) - ours_logits).abs().max().item() <= 1e-5
 
 
+def test_adapter_files_record_their_pooling_and_stock_act_order_adapters_are_refused(load_tiny_gptq, gptq_checkpoint, sample_input_ids,
+                                                                                     tmp_path, capsys):
+    # ours on an act-order base: marked, and reloads to the same logits
+    ours = get_qalora_model(load_tiny_gptq(4, True, False), QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+    randomize_adapters(ours, seed=41)
+    ours_logits = logits(ours, sample_input_ids)
+    ours.save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["qalora_pooling"] == "g_idx"
+    again = load_qalora_adapter(load_tiny_gptq(4, True, False), str(tmp_path / "ours"))
+    assert (logits(again, sample_input_ids) - ours_logits).abs().max().item() <= 1e-5
+    again.save_pretrained(tmp_path / "ours-again")  # the mark survives a load -> save
+    assert json.loads((tmp_path / "ours-again" / "adapter_config.json").read_text())["qalora_pooling"] == "g_idx"
+
+    # stock PEFT on the same act-order base pools contiguously: loading it with g_idx pooling would change its output
+    stock = get_peft_model(load_tiny_gptq(4, True, False),
+                           LoraConfig(use_qalora=True, qalora_group_size=G_SIZE, r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+    randomize_adapters(stock, seed=42)
+    stock.save_pretrained(tmp_path / "stock")
+    assert "qalora_pooling" not in json.loads((tmp_path / "stock" / "adapter_config.json").read_text())
+    with pytest.raises(ValueError, match="stock PEFT use_qalora adapter .* act-order"):
+        load_qalora_adapter(load_tiny_gptq(4, True, False), str(tmp_path / "stock"))
+    from qalora_hf.cli import main as cli_main
+
+    code = cli_main(["merge", "--base", str(gptq_checkpoint(4, True, False)), "--adapter", str(tmp_path / "stock"),
+                     "--output-dir", str(tmp_path / "out"), "--strategy", "round"])
+    assert code == 2 and "stock PEFT use_qalora adapter" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # 5. errors with actionable messages
 
