@@ -51,6 +51,8 @@ MERGE_LABELS = {
     "codes_changed": "integer codes changed",
     "zeros_changed": "zero-points changed",
     "zeros_clamped": "zero-points clamped to the integer range",
+    "zero_points_at_0": "zero-points equal to 0 (read exactly by transformers/gptqmodel; misread by engines that unpack "
+                        "GPTQ v1 per field, e.g. vLLM's ExLlama gptq kernels: use the AWQ or GGUF export there)",
     "layers": "layers merged",
     "exact_layers": "layers merged exactly",
     "shift_abs_median": "median abs. zero-point shift (quantisation steps)",

@@ -265,7 +265,7 @@ def cmd_merge(args) -> int:
     merged, report = merge_qalora(model, strategy=args.strategy, calibration=calibration, progress=False)
     totals = report.totals
     metrics.update({k: totals[k] for k in ("layers", "exact_layers", "codes_changed", "zeros_changed", "zeros_clamped",
-                                           "rel_output_error_mean") if totals.get(k) is not None})
+                                           "rel_output_error_mean", "zero_points_at_0") if totals.get(k) is not None})
     if eval_batches:
         loss_exported, logits_exported = measure(merged, eval_batches)
         diffs = [(a - b).abs() for a, b in zip(logits_trained, logits_exported)]

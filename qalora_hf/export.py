@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .gptq_format import install_checkpoint_format_hooks, set_checkpoint_format
+from .gptq_format import count_zero_points_at_0, install_checkpoint_format_hooks, set_checkpoint_format
 from .safety import ADAPTER_FILES, assert_folder_publishable, check_adapter_dir  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -183,5 +183,12 @@ def export_gptq(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    zeros = count_zero_points_at_0(model)
+    if zeros:
+        logger.warning(
+            "%s: %d zero-points are 0; transformers/optimum/gptqmodel read them exactly, but engines that unpack the "
+            "v1 format per field (vLLM's and SGLang's ExLlama gptq kernels) misread those groups: serve the AWQ or "
+            "GGUF export there (docs/gptq_format.md).", target.name, zeros,
+        )
     logger.info("exported GPTQ checkpoint to %s", target)
     return target

@@ -304,3 +304,21 @@ def install_checkpoint_format_hooks(model) -> int:
             module._qalora_format_hooks = True
             added += 1
     return added
+
+
+def count_zero_points_at_0(model) -> int:
+    """How many zero-points of ``model``'s GPTQ layers are exactly 0.
+
+    The v1 checkpoint format stores ``z - 1`` per packed field; gptqmodel writes ``-1`` with word
+    arithmetic (the borrow runs into the neighbouring fields) and its own loader inverts that exactly, but an
+    engine that unpacks v1 field by field (``field + 1``, the ExLlama ``gptq`` path of vLLM and SGLang)
+    misreads such a group and its neighbours by up to ``2**bits`` steps.  The merge never creates a new 0;
+    a base checkpoint may hold some.  The AWQ and GGUF exports store ``z`` itself and are not affected.
+    """
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, BaseQuantLinear) and getattr(type(module), "REQUIRES_FORMAT_V2", False):
+            total += int((read_layer(module).z == 0).sum())
+    return total
