@@ -280,16 +280,20 @@ def serve_section(*, gptq_repo_id: Optional[str], awq_repo_id: Optional[str], bi
             "Take the AWQ export for vLLM, SGLang and mlx-lm; either loads in transformers.",
             "",
             "```bash",
-            f"vllm serve {aq}                                   # Marlin with zero-points",
-            f"python -m sglang.launch_server --model-path {aq}  # AWQ-Marlin",
+            "# vLLM: Marlin with zero-points",
+            f"vllm serve {aq}",
+            "# SGLang: AWQ-Marlin",
+            f"python -m sglang.launch_server --model-path {aq}",
+            "# mlx-lm",
             f"mlx_lm.generate --model {aq} --prompt \"Give three tips for staying healthy.\"",
-            f"vllm serve {gq}                                   # works, on the slow ExLlama kernel",
+            "# the GPTQ export also runs in vLLM, on the slow ExLlama kernel",
+            f"vllm serve {gq}",
             "```",
             "",
             f"In transformers, `AutoModelForCausalLM.from_pretrained(\"{aq}\")` loads the AWQ export like the GPTQ one "
-            "(`pip install transformers gptqmodel`). "
-            f"If {awq} is not on the Hub, write it from the GPTQ export with qalora-hf: "
-            f"`qalora-hf awq {gq} --output-dir awq --push-to-hub {aq}`.",
+            "(`pip install transformers gptqmodel`)."
+            + (f" If {awq} is not on the Hub, write it from the GPTQ export with qalora-hf: "
+               f"`qalora-hf awq {gq} --output-dir awq --push-to-hub {aq}`." if this == "gptq" else ""),
         ]
     else:
         lines += [

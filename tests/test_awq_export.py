@@ -311,3 +311,32 @@ def test_awq_sibling_repo_id():
     assert awq_sibling_repo_id("me/Model-GPTQ") == "me/Model-AWQ"
     assert awq_sibling_repo_id("me/Model-GPTQ-Int4") == "me/Model-AWQ"
     assert awq_sibling_repo_id("me/model") == "me/model-AWQ"
+
+
+# --------------------------------------------------------------------------------------------------
+# Cards
+
+
+def test_cards_serve_it_and_awq_card():
+    from qalora_hf.card import build_awq_model_card, build_model_card
+
+    kwargs = dict(base_model="me/tiny-gptq", license="apache-2.0", datasets=["me/texts"], qalora_config={"r": 8},
+                  training_args={"learning_rate": 1e-3}, bits=4, group_size=32,
+                  merge_metrics={"strategy": "round", "loss_base": 2.0, "loss_trained": 1.5, "loss_exported": 1.55})
+    gptq = build_model_card(repo_id="me/tiny-qalora-gptq-4bit", desc_act=False, **kwargs)
+    text = str(gptq)
+    serve = text[text.index("## Serve it"):text.index("## Training")]
+    for needle in ("vllm serve me/tiny-qalora-AWQ", "awq_marlin", "gptq_gemm", "sglang.launch_server", "mlx_lm.generate",
+                   "qalora-hf awq me/tiny-qalora-gptq-4bit", "unmeasured"):
+        assert needle in serve, needle
+    awq = build_awq_model_card(gptq, repo_id="me/tiny-qalora-AWQ", gptq_repo_id="me/tiny-qalora-gptq-4bit", group_size=32,
+                               has_adapter=True)
+    a = str(awq)
+    assert "awq" in awq.data.tags and "gptq" not in awq.data.tags and awq.data.base_model == ["me/tiny-gptq"]
+    assert 'from_pretrained("me/tiny-qalora-AWQ")' in a and "me/tiny-qalora-AWQ`, this repo" in a
+    assert "## Merge fidelity" in a and "## Limitations" in a and "`adapter/`" in a  # the GPTQ card's sections, kept
+    assert "If `me/tiny-qalora-AWQ` is not on the Hub" not in a
+    # act-order: the card says why there is no AWQ export, and names no AWQ command
+    act = str(build_model_card(repo_id="me/tiny-act", desc_act=True, **kwargs))
+    act_serve = act[act.index("## Serve it"):act.index("## Training")]
+    assert "no lossless AWQ export" in act_serve and "act-order" in act_serve and "vllm serve me/tiny-act-AWQ" not in act_serve
