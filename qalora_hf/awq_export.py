@@ -185,7 +185,12 @@ def check_awq_exportable(model) -> tuple[int, dict[str, torch.nn.Module]]:
         group_size = int(next(iter(layers.values())).group_size)
         if group_size not in AWQ_GROUP_SIZES:
             raise AwqExportError(f"the model has group_size={group_size}; AWQ kernels take {list(AWQ_GROUP_SIZES)}.")
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
     for name, layer in layers.items():
+        if out_emb is not None and layer is out_emb:
+            raise AwqExportError(f"layer {name} (the output embedding) is quantised; transformers' AWQ loader always keeps "
+                                 f"the output embedding in float, so it could not load it. Write the model with {_GPTQ_INSTEAD}.")
         _check_layer(name, layer, group_size)
     return group_size, layers
 
@@ -194,8 +199,9 @@ def awq_quantization_config(group_size: int, modules_to_not_convert: Optional[li
     """The ``quantization_config`` of an AWQ GEMM checkpoint, as AutoAWQ writes it.
 
     Keys read by transformers 5 (``AwqConfig``: ``bits``, ``group_size``, ``zero_point``, ``version`` -> ``format``,
-    ``modules_to_not_convert``), gptqmodel (the same, through ``hf_select_quant_linear_v2``), vLLM (``AWQConfig`` /
-    ``AWQMarlinConfig.from_config``: ``bits``, ``group_size``, ``zero_point``, ``modules_to_not_convert``) and mlx-lm.
+    ``modules_to_not_convert``) and gptqmodel (the same, through ``hf_select_quant_linear_v2``), both read here; vLLM's
+    ``AWQConfig`` / ``AWQMarlinConfig.from_config`` read ``bits``, ``group_size``, ``zero_point`` and
+    ``modules_to_not_convert`` (our reading of its source; not run here).
     ``zero_point: true`` is the asymmetric form ``s * (q - z)``.
     """
     return {

@@ -339,4 +339,4 @@ def test_cards_serve_it_and_awq_card():
     # act-order: the card says why there is no AWQ export, and names no AWQ command
     act = str(build_model_card(repo_id="me/tiny-act", desc_act=True, **kwargs))
     act_serve = act[act.index("## Serve it"):act.index("## Training")]
-    assert "no lossless AWQ export" in act_serve and "act-order" in act_serve and "vllm serve me/tiny-act-AWQ" not in act_serve
+    assert "no lossless AWQ export" in act_serve and "act-order" in act_serve and "AWQ export: kernel" not in act_serve
