@@ -340,3 +340,20 @@ def test_cards_serve_it_and_awq_card():
     act = str(build_model_card(repo_id="me/tiny-act", desc_act=True, **kwargs))
     act_serve = act[act.index("## Serve it"):act.index("## Training")]
     assert "no lossless AWQ export" in act_serve and "act-order" in act_serve and "AWQ export: kernel" not in act_serve
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_cli_awq_from_hub_repo_and_push_to_sibling(exports, hub, tmp_path):
+    from huggingface_hub import hf_hub_download
+
+    from qalora_hf import push_gptq_to_hub
+
+    gptq_repo = "local-user/tiny-qalora-gptq-4bit"
+    push_gptq_to_hub(exports[32]["gptq"], gptq_repo, backoff_s=0.01)
+    awq_repo = awq_sibling_repo_id(gptq_repo)
+    assert cli_main(["awq", gptq_repo, "--output-dir", str(tmp_path / "awq"), "--push-to-hub", awq_repo]) == 0
+    config = json.loads(Path(hf_hub_download(awq_repo, "config.json")).read_text())
+    assert config["quantization_config"]["quant_method"] == "awq"
+    pushed = load_file(hf_hub_download(awq_repo, "model.safetensors"))
+    ref = load_file(exports[32]["awq"] / "model.safetensors")
+    assert pushed.keys() == ref.keys() and all(torch.equal(pushed[k], ref[k]) for k in ref)
