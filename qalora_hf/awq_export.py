@@ -285,15 +285,20 @@ def export_awq(
     overwrite: bool = False,
     max_shard_size: str = "2GB",
     adapter_dir: Optional[Union[str, os.PathLike]] = None,
+    base_model_id: Optional[str] = None,
+    tokens: tuple = (),
 ) -> Path:
     """Write a merged 4-bit GPTQ model, losslessly, as an AWQ GEMM checkpoint, atomically.
 
     The integer codes, integer zero-points and fp16 scales are the GPTQ model's own, repacked into AWQ's GEMM
     layout (see the module docstring and docs/awq.md); every other tensor is written unchanged.  The directory
     holds ``*.safetensors``, ``config.json`` with :func:`awq_quantization_config`, ``generation_config.json``,
-    the tokenizer, ``README.md`` from ``card`` (a ``huggingface_hub.ModelCard``), the PEFT adapter directory
-    copied to ``adapter/`` and ``extra_files`` (``{relative name: source path}``).  It is written into a hidden temporary directory beside ``output_dir``
-    and renamed into place when complete, as :func:`qalora_hf.export_gptq` does.
+    the tokenizer, ``README.md`` from ``card`` (a ``huggingface_hub.ModelCard``), the adapter's
+    ``adapter_config.json`` + ``adapter_model.safetensors`` in ``adapter/`` (``base_model_name_or_path`` set to
+    ``base_model_id`` or stripped of local directories) and ``extra_files`` (``{relative name: source path}``).
+    It is written into a hidden temporary directory beside ``output_dir``, checked by
+    :func:`qalora_hf.safety.assert_folder_publishable` (no pickle, no token — ``tokens`` adds exact values —,
+    no local path) and renamed into place when complete, as :func:`qalora_hf.export_gptq` does.
 
     Args:
         model_or_dir: a merged transformers GPTQ model in memory (gptqmodel layers with v2 zero-points, e.g.
@@ -313,9 +318,12 @@ def export_awq(
             multiple of 8.  The message names what would export instead.  Raised before anything is written.
         FileExistsError: ``output_dir`` exists and is not empty, and ``overwrite`` is False.
         FileNotFoundError: ``model_or_dir`` is a path without ``config.json``, an extra file is missing, or
-            ``adapter_dir`` has no ``adapter_config.json``.
+            ``adapter_dir`` lacks ``adapter_config.json`` / ``adapter_model.safetensors``.
+        ValueError: an ``extra_files`` name outside the export, or a file that would publish a pickle, a token
+            or a local path (nothing is renamed into place then).
     """
-    from .export import _atomic_replace, _remove_stale_tmp_dirs
+    from .export import _atomic_replace, _check_extra_names, _copy_adapter, _remove_stale_tmp_dirs
+    from .safety import assert_folder_publishable, check_adapter_dir
 
     target = Path(output_dir).absolute()
     if isinstance(model_or_dir, (str, os.PathLike)):
@@ -333,8 +341,9 @@ def export_awq(
     for name, src in (extra_files or {}).items():
         if not Path(src).is_file():
             raise FileNotFoundError(f"extra file {name!r}: {src} does not exist.")
-    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"adapter_dir {adapter_dir} has no adapter_config.json.")
+    if adapter_dir is not None:
+        adapter_dir = check_adapter_dir(adapter_dir)
+    _check_extra_names(extra_files or {})
     state_dict = awq_state_dict(model, layers)
     qconfig = awq_quantization_config(group_size, _float_linears(model, layers))
 
@@ -360,12 +369,13 @@ def export_awq(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if adapter_dir is not None:
-            shutil.copytree(adapter_dir, tmp / "adapter", ignore=shutil.ignore_patterns("README.md", "*.pt", "*.pth", "*.bin"))
+            _copy_adapter(adapter_dir, tmp / "adapter", base_model_id)
         for name, src in (extra_files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / name)
         if card is not None:
             card.save(tmp / "README.md")
+        assert_folder_publishable(tmp, tokens)
         _atomic_replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
