@@ -11,6 +11,7 @@ _EXPORTS = {
     "merge_qalora": "merge",
     "MergeReport": "merge",
     "export_gptq": "export",
+    "export_awq": "awq_export",
     "push_gptq_to_hub": "hub",
     "QALoraTrainer": "trainer",
     "QALoraMergeCallback": "callbacks",

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${DEMO_OUT:-outputs/demo}
 REPO_ID=${DEMO_REPO_ID:-demo-user/smollm2-135m-qalora-alpaca-gptq-4bit}
+# The AWQ export goes to a sibling repo (the Hub's convention for another layout; docs/awq.md): <name>-AWQ.
+AWQ_REPO_ID=${DEMO_AWQ_REPO_ID:-$($PY -c "from qalora_hf.awq_export import awq_sibling_repo_id as f; print(f('$REPO_ID'))")}
 export GPTQMODEL_CPU_WORKERS=${GPTQMODEL_CPU_WORKERS:-1} HF_HUB_DISABLE_XET=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 SECONDS=0
@@ -36,6 +38,11 @@ $PY -m accelerate.commands.launch --num_cpu_threads_per_process "$(nproc)" --con
   --output_dir "$OUT/run" --push_to_hub true --hub_model_id "$REPO_ID" ${DEMO_ARGS:-}
 stamp
 
-echo "== 3/4 + 4/4 fresh process: from_pretrained('$REPO_ID') from the Hub, evaluate, update the card"
-$PY scripts/demo_report.py --repo-id "$REPO_ID" --run-dir "$OUT/run" --report "$OUT/results.md"
+echo "== 2b/4 the same integers in AWQ's layout (vLLM/SGLang Marlin, mlx-lm): qalora-hf awq -> push $AWQ_REPO_ID"
+EXPORT_DIR=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['export_dir'])" "$OUT/run/run_info.json")
+$PY -m qalora_hf.cli awq "$EXPORT_DIR" --output-dir "$OUT/awq" --overwrite --push-to-hub "$AWQ_REPO_ID" --gptq-repo-id "$REPO_ID"
+stamp
+
+echo "== 3/4 + 4/4 fresh process: from_pretrained('$REPO_ID') and ('$AWQ_REPO_ID') from the Hub, evaluate, update the cards"
+$PY scripts/demo_report.py --repo-id "$REPO_ID" --awq-repo-id "$AWQ_REPO_ID" --awq-dir "$OUT/awq" --run-dir "$OUT/run" --report "$OUT/results.md"
 echo "== done in $((SECONDS / 60)) min $((SECONDS % 60)) s"
