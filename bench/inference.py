@@ -10,6 +10,9 @@ merge_qalora(strategy='round') and written with export_gptq.  Variants, each in 
   merged export (stock from_pretrained)  AutoModelForCausalLM.from_pretrained(export) -- the kernel gptqmodel
                                        auto-picks (named in the table), what a user of the export gets
   merged export (TorchLinear)          the same export loaded with load_gptq_model (backend='torch')
+  merged AWQ export (stock from_pretrained)  the same merged integers repacked by export_awq (AWQ GEMM layout),
+                                       AutoModelForCausalLM.from_pretrained(awq export) -- gptqmodel's auto-picked
+                                       AWQ kernel; what a transformers user of the -AWQ repo gets on this CPU
   GPTQ base + adapter, ours (TorchLinear)   load_qalora_adapter(load_gptq_model(base), adapter), unmerged
   GPTQ base + adapter, stock PEFT (auto kernel)  PeftModel.from_pretrained(from_pretrained(base), adapter)
   float fp32 + LoRA merged             the float model with a plain PEFT LoRA (same r/targets, random small
@@ -64,6 +67,7 @@ def prepare(gptq_dir: str, workdir: Path, seed: int, std: float, gguf: bool = Fa
     from transformers import AutoTokenizer
 
     from qalora_hf import QALoraConfig, get_qalora_model
+    from qalora_hf.awq_export import AwqExportError, export_awq
     from qalora_hf.export import export_gptq
     from qalora_hf.merge import merge_qalora
     from qalora_hf.quantize import load_gptq_model
@@ -79,8 +83,14 @@ def prepare(gptq_dir: str, workdir: Path, seed: int, std: float, gguf: bool = Fa
     t = time.perf_counter()
     merged, report = merge_qalora(peft_model, strategy="round", progress=False)
     export = export_gptq(merged, workdir / "merged", tokenizer=AutoTokenizer.from_pretrained(gptq_dir))
+    elapsed = time.perf_counter() - t
+    try:  # the same integers in AWQ's layout (4-bit, no act-order, group size 32/64/128 only)
+        awq = str(export_awq(merged, workdir / "merged-awq", tokenizer=AutoTokenizer.from_pretrained(gptq_dir)))
+    except AwqExportError as err:
+        awq = None
+        print(f"  no AWQ variant: {err}", flush=True)
     tot = report.totals
-    out = {"adapter": str(adapter), "merged": str(export), "merge_export_s": time.perf_counter() - t,
+    out = {"adapter": str(adapter), "merged": str(export), "merged_awq": awq, "merge_export_s": elapsed,
            "zeros_changed": tot["zeros_changed"], "shift_abs_median": tot["shift_abs_median"]}
     if gguf:
         from qalora_hf.gguf_export import export_gguf
@@ -147,6 +157,8 @@ def build_model(spec: dict):
     torch.manual_seed(spec["seed"])
     if kind == "merged_auto":
         model = AutoModelForCausalLM.from_pretrained(spec["merged"])
+    elif kind == "merged_awq_auto":
+        model = AutoModelForCausalLM.from_pretrained(spec["merged_awq"])
     elif kind == "merged_torch":
         model = load_gptq_model(spec["merged"])
     elif kind == "unmerged_ours":
@@ -214,6 +226,7 @@ def make_variant(spec: dict):
 
 MERGED = "merged export (stock from_pretrained)"
 MERGED_T = "merged export (TorchLinear)"
+MERGED_AWQ = "merged AWQ export (stock from_pretrained)"
 UNMERGED = "GPTQ base + adapter, ours (TorchLinear)"
 UNMERGED_P = "GPTQ base + adapter, stock PEFT (auto kernel)"
 FLOAT = "float fp32 + LoRA merged"
@@ -251,14 +264,19 @@ def main(argv=None) -> int:
         prep = prepare(gptq_dir, Path(tmp), args.seed, args.lora_b_std, gguf=with_gguf,
                        gguf_tokenizer_pre=args.gguf_tokenizer_pre or ("gpt-2" if getattr(args, "tiny", False) else None))
         print(f"  prepared adapter + round-merged export in {prep['merge_export_s']:.1f}s ({prep['zeros_changed']} zero-points changed)", flush=True)
-        common = {"float": float_dir, "gptq": gptq_dir, "adapter": prep["adapter"], "merged": prep["merged"], "seed": args.seed,
+        common = {"float": float_dir, "gptq": gptq_dir, "adapter": prep["adapter"], "merged": prep["merged"],
+                  "merged_awq": prep["merged_awq"], "seed": args.seed,
                   "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                   "targets": _targets_of(gptq_dir), "lora_b_std": args.lora_b_std, "gguf": prep.get("gguf")}
         kinds = {MERGED: "merged_auto", MERGED_T: "merged_torch", UNMERGED: "unmerged_ours", UNMERGED_P: "unmerged_auto_peft", FLOAT: "float_lora_merged"}
+        if prep["merged_awq"]:
+            kinds = {MERGED: "merged_auto", MERGED_AWQ: "merged_awq_auto", **{n: k for n, k in kinds.items() if n != MERGED}}
         if prep.get("gguf"):
             kinds[GGUF] = "gguf_llama_cpp"
         sizes = {MERGED: file_size_mb(prep["merged"]), MERGED_T: file_size_mb(prep["merged"]), UNMERGED: file_size_mb(gptq_dir),
                  UNMERGED_P: file_size_mb(gptq_dir), FLOAT: file_size_mb(float_dir)}
+        if prep["merged_awq"]:
+            sizes[MERGED_AWQ] = file_size_mb(prep["merged_awq"])
         if prep.get("gguf"):
             sizes[GGUF] = file_size_mb(prep["gguf"])
         res = run_interleaved({n: {**common, "kind": k} for n, k in kinds.items()}, make_variant, args.repeats)
@@ -295,12 +313,16 @@ def main(argv=None) -> int:
     tg.append(target("GGUF Q4_1 in llama.cpp / float+LoRA decode tokens/s", ratio(dec(GGUF), dec(FLOAT)), ">=", 3.0))
     if tps(UNMERGED_P):
         tg.append(target("merged (stock load) / GPTQ base + adapter, stock PEFT (same auto kernel) tokens/s", ratio(tps(MERGED), tps(UNMERGED_P)), ">=", 1.1))
+    awq_vs_gptq = ratio(tps(MERGED_AWQ), tps(MERGED))
     same = {n: s.get("first_tokens") for n, s in summary.items() if s.get("first_tokens")}
     md = (
         f"### Inference (batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens greedy, median of {args.repeats} interleaved rounds, "
         f"{meta['torch_threads']} torch threads, seed {args.seed}, {meta['date']})\n\n"
         + markdown_table(["variant", "kernel", "first generate s", "prefill ms", "generate s", "tokens/s", "decode tokens/s", "file MiB", "peak RSS MiB"], rows)
         + "\n\n" + targets_table(tg)
+        + (f"\n\nAWQ export / GPTQ export, both stock from_pretrained on this CPU ({summary.get(MERGED_AWQ, {}).get('kernel', '?')} vs "
+           f"{summary.get(MERGED, {}).get('kernel', '?')}): {awq_vs_gptq:.2f}x tokens/s (same integers, no target: the AWQ layout is for "
+           "vLLM/SGLang Marlin and mlx-lm, whose speed is not measured here)." if awq_vs_gptq is not None else "")
         + f"\n\nAdapter: r=16, random lora_B (std {args.lora_b_std}); merged with strategy 'round' ({prep['zeros_changed']} zero-points changed). "
         + "First 8 generated ids per variant: " + "; ".join(f"{n}: {v}" for n, v in same.items())
         + f"\n\nModel: {gptq_dir} / {float_dir}. Load average at start: {meta['loadavg_at_start']}.\n"

@@ -12,6 +12,7 @@ _EXPORTS = {
     "MergeReport": "merge",
     "export_gptq": "export",
     "export_gguf": "gguf_export",
+    "export_awq": "awq_export",
     "push_gptq_to_hub": "hub",
     "QALoraTrainer": "trainer",
     "QALoraMergeCallback": "callbacks",

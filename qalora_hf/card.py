@@ -8,7 +8,6 @@ local absolute path and no machine user name may reach a public repo.
 
 from __future__ import annotations
 
-import getpass
 import importlib.metadata
 import math
 import os
@@ -20,15 +19,13 @@ from typing import Any, Iterable, Optional
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .evaluate import gain_kept  # fraction of the fine-tuning gain an export keeps (also used by the CLI)
+from .safety import assert_no_secrets, find_secrets  # noqa: F401  (re-exported: the card's checks)
 
 TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "qalora_gptq.md"
 
 FRAMEWORKS = ("torch", "transformers", "peft", "trl", "optimum", "gptqmodel", "huggingface_hub")
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
-# An absolute path under a local root, not preceded by a word character, '.', '/' or ':' (so URLs pass).
-_LOCAL_PATH = re.compile(r"(?<![\w./:~-])(?:~/|/(?:root|home|tmp|work|Users|var/folders|private|mnt|scratch)(?=/|\b))")
 
 # The SFT settings shown when the training arguments are a full TrainingArguments/SFTConfig dump.
 SFT_KEYS = (
@@ -54,6 +51,8 @@ MERGE_LABELS = {
     "codes_changed": "integer codes changed",
     "zeros_changed": "zero-points changed",
     "zeros_clamped": "zero-points clamped to the integer range",
+    "zero_points_at_0": "zero-points equal to 0 (read exactly by transformers/gptqmodel; misread by engines that unpack "
+                        "GPTQ v1 per field, e.g. vLLM's ExLlama gptq kernels: use the AWQ or GGUF export there)",
     "layers": "layers merged",
     "exact_layers": "layers merged exactly",
     "shift_abs_median": "median abs. zero-point shift (quantisation steps)",
@@ -70,64 +69,6 @@ MERGE_LABELS = {
 
 # --------------------------------------------------------------------------------------------------
 # Secrets and local paths
-
-
-def _local_markers() -> list[str]:
-    """Literal strings that identify this machine: home, cwd, user name."""
-    markers = []
-    for p in (str(Path.home()), os.getcwd()):
-        if p and p not in ("/", "\\") and len(p) > 1:
-            markers.append(p)
-    return markers
-
-
-def _user_name() -> Optional[str]:
-    try:
-        return getpass.getuser()
-    except Exception:  # no user database entry (containers)
-        return None
-
-
-def find_secrets(text: str) -> list[str]:
-    """What :func:`assert_no_secrets` objects to in ``text``, each described without the secret itself."""
-    found = []
-    if _TOKEN.search(text):
-        found.append("a Hugging Face token (hf_...)")
-    for env in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        value = os.environ.get(env)
-        if value and value in text:
-            found.append(f"the value of ${env}")
-    try:
-        from huggingface_hub import get_token
-
-        stored = get_token()
-    except Exception:
-        stored = None
-    if stored and stored in text:
-        found.append("the stored Hugging Face token")
-    match = _LOCAL_PATH.search(text)
-    if match:
-        found.append(f"a local absolute path ({text[match.start():match.start() + 40].split()[0]!r}...)")
-    for marker in _local_markers():
-        if marker in text:
-            found.append(f"a local path ({marker!r})")
-    user = _user_name()
-    if user and len(user) >= 2 and re.search(rf"(?<![A-Za-z0-9_]){re.escape(user)}(?![A-Za-z0-9_])", text):
-        found.append(f"the machine user name ({user!r})")
-    return found
-
-
-def assert_no_secrets(text: str) -> None:
-    """Raise ``ValueError`` if ``text`` holds a Hub token, a local absolute path or the machine user name.
-
-    Checked: ``hf_`` tokens and the values of ``$HF_TOKEN`` / the stored login; absolute paths under
-    ``/root``, ``/home``, ``/tmp``, ``/work``, ``/Users``, ``~/`` ...; the current home directory and
-    working directory; the user name as a whole word.
-    """
-    found = find_secrets(text)
-    if found:
-        raise ValueError("the model card would publish " + "; ".join(dict.fromkeys(found)) +
-                         ". Remove it from the card inputs (training_args, names, metrics) before exporting.")
 
 
 def _relativise(value: Any) -> Any:
@@ -280,6 +221,142 @@ def _limitations(bits: int, names: str, datasets: list[str], license: Optional[s
 
 
 # --------------------------------------------------------------------------------------------------
+# "Serve it": which export each engine runs, with which kernel (docs/awq.md has the checks in their source)
+
+AWQ_TEMPLATE_PATH = TEMPLATE_PATH.with_name("qalora_awq.md")
+
+
+def _awq_sibling(repo_id: str) -> str:
+    from .awq_export import awq_sibling_repo_id
+
+    return awq_sibling_repo_id(repo_id)
+
+
+def _awq_unavailable(bits: int, group_size: int, desc_act: bool) -> Optional[str]:
+    """Why these GPTQ settings have no lossless AWQ export (None when they have one)."""
+    if bits != 4:
+        return f"AWQ's layout is 4-bit only and this model is {bits}-bit"
+    if desc_act:
+        return "this model uses act-order and AWQ has no `g_idx`"
+    if group_size not in (32, 64, 128):
+        return f"the AWQ kernels take group sizes 32, 64 and 128, and this model has {group_size}"
+    return None
+
+
+def serve_section(*, gptq_repo_id: Optional[str], awq_repo_id: Optional[str], bits: int, group_size: int,
+                  desc_act: bool, this: str = "gptq") -> str:
+    """Markdown for the card's "Serve it" section: each engine's command and the kernel it uses, per export.
+
+    ``this`` is the export the card belongs to (``"gptq"`` or ``"awq"``).  The kernels are what the engines'
+    source selects for a 4-bit asymmetric (``sym=False``) model, as read in docs/awq.md; the vLLM and SGLang
+    rows are not measured here (no GPU that runs this stack was available).
+    """
+    gptq = f"`{gptq_repo_id}`" if gptq_repo_id else "the GPTQ export"
+    gq = gptq_repo_id or "<the GPTQ repo>"
+    aq = awq_repo_id or "<the AWQ repo>"
+    why_not = _awq_unavailable(bits, group_size, desc_act)
+    lines = [
+        "The merged model is asymmetric (`sym=False`: its zero-points differ from group to group). Serving engines pick "
+        "their kernel from the format and from `sym`, so the same integers run at very different speeds depending on "
+        "the layout they are stored in.",
+        "",
+    ]
+    if why_not is None:
+        awq = f"`{awq_repo_id}`" if awq_repo_id else "the AWQ export"
+        lines += [
+            f"- **GPTQ** ({gptq}{', this repo' if this == 'gptq' else ''}): `quant_method: gptq`, group size {group_size}.",
+            f"- **AWQ** ({awq}{', this repo' if this == 'awq' else ''}): the same integer codes, zero-points and fp16 "
+            "scales repacked into AWQ's GEMM layout (`quant_method: awq`, `zero_point: true`); nothing is re-quantised, "
+            "so both give the same weights.",
+            "",
+            "| engine | GPTQ export: kernel | AWQ export: kernel |",
+            "|---|---|---|",
+            "| vLLM | ExLlama `gptq_gemm`, the slow path (vLLM's GPTQ-Marlin takes `sym=True` only) | "
+            f"**Marlin with zero-points** (`awq_marlin`; group sizes 32/64/128) |",
+            "| SGLang | ExLlama fallback (the same `sym` test) | **AWQ-Marlin** (takes zero-points) |",
+            "| transformers + gptqmodel | GPU: ExLlamaV2 (gptqmodel's Marlin takes `sym=True` only, Machete no group "
+            "size 32); CPU: gptqmodel's torch kernels | GPU: gptqmodel's AWQ kernels (Marlin/Machete AWQ, by priority); "
+            "CPU: `TorchCpuAvx512AwqLinear` on AVX512-BF16 CPUs, otherwise its other torch AWQ kernels |",
+            "| mlx-lm (Apple silicon) | refused (it raises on any `g_idx` key) | loads it |",
+            "",
+            "Take the AWQ export for vLLM, SGLang and mlx-lm; either loads in transformers.",
+            "",
+            "```bash",
+            "# vLLM: Marlin with zero-points",
+            f"vllm serve {aq}",
+            "# SGLang: AWQ-Marlin",
+            f"python -m sglang.launch_server --model-path {aq}",
+            "# mlx-lm",
+            f"mlx_lm.generate --model {aq} --prompt \"Give three tips for staying healthy.\"",
+            "# the GPTQ export also runs in vLLM, on the slow ExLlama kernel",
+            f"vllm serve {gq}",
+            "```",
+            "",
+            f"In transformers, `AutoModelForCausalLM.from_pretrained(\"{aq}\")` loads the AWQ export like the GPTQ one "
+            "(`pip install transformers gptqmodel`)."
+            + (f" If {awq} is not on the Hub, write it from the GPTQ export with qalora-hf: "
+               f"`qalora-hf awq {gq} --output-dir awq --push-to-hub {aq}`." if this == "gptq" else ""),
+        ]
+    else:
+        lines += [
+            f"- **GPTQ** ({gptq}): `quant_method: gptq`, group size {group_size}, act-order {'on' if desc_act else 'off'}. "
+            f"There is no lossless AWQ export of this model: {why_not}.",
+            "",
+            "| engine | kernel |",
+            "|---|---|",
+            "| vLLM | ExLlama `gptq_gemm`, the slow path (vLLM's GPTQ-Marlin takes `sym=True` only) |",
+            "| SGLang | ExLlama fallback |",
+            "| transformers + gptqmodel | GPU: ExLlamaV2; CPU: gptqmodel's torch kernels |",
+            "| mlx-lm | refused (it raises on any `g_idx` key) |",
+            "",
+            "```bash",
+            f"vllm serve {gq}",
+            "```",
+        ]
+    lines += [
+        "",
+        "These kernels are what each engine's source selects for these settings (vLLM `gptq_marlin.py`, `awq_marlin.py`, "
+        "`marlin_utils.py`; SGLang's Marlin checks; gptqmodel's kernel `SUPPORTS_*` lists; mlx-lm's loader). Only the "
+        "transformers CPU path was run by qalora-hf; vLLM and SGLang speeds are unmeasured.",
+    ]
+    return "\n".join(lines)
+
+
+def build_awq_model_card(gptq_card: ModelCard, *, repo_id: str, gptq_repo_id: Optional[str], group_size: int,
+                         has_adapter: bool = False, template_path: str | os.PathLike = AWQ_TEMPLATE_PATH) -> ModelCard:
+    """The card of an AWQ export (:func:`qalora_hf.export_awq`), derived from the GPTQ export's card.
+
+    Keeps the GPTQ card's metadata (tag ``gptq`` becomes ``awq``) and its sections from ``## Training`` on (training,
+    merge fidelity, evaluation, limitations, citation: the same model), under an AWQ title, description, "How to use"
+    and "Serve it" (:func:`serve_section`).  ``has_adapter``: the export carries the unmerged adapter in ``adapter/``.
+
+    Raises:
+        ValueError: the rendered card contains a token, a local absolute path or the user name.
+    """
+    data = ModelCardData(**gptq_card.data.to_dict())
+    data.tags = [("awq" if t == "gptq" else t) for t in (data.tags or [])] or ["qalora", "awq", "4-bit"]
+    data.model_name = repo_id.split("/")[-1] if data.eval_results else None
+    body = gptq_card.text
+    start = body.find("\n## Training")
+    body = body[start:].strip() if start >= 0 else ""
+    gptq_text = f"[{gptq_repo_id}](https://huggingface.co/{gptq_repo_id})" if gptq_repo_id else "its GPTQ export"
+    card = ModelCard.from_template(
+        data,
+        template_path=str(template_path),
+        model_title=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        gptq_text=gptq_text,
+        group_size=group_size,
+        serve=serve_section(gptq_repo_id=gptq_repo_id, awq_repo_id=repo_id, bits=4, group_size=group_size,
+                            desc_act=False, this="awq"),
+        body=body,
+        has_adapter=has_adapter,
+    )
+    assert_no_secrets(str(card))
+    return card
+
+
+# --------------------------------------------------------------------------------------------------
 # The card
 
 
@@ -300,6 +377,7 @@ def build_model_card(
     group_size: int,
     desc_act: bool,
     template_path: str | os.PathLike = TEMPLATE_PATH,
+    awq_repo_id: Optional[str] = None,
 ) -> ModelCard:
     """Build the model card of an exported (merged) QA-LoRA GPTQ model.
 
@@ -325,6 +403,8 @@ def build_model_card(
         eval_results: see :func:`_eval_results`.
         loss_plot: relative file name of the loss plot in the repo (e.g. ``"loss.png"``).
         framework_versions: ``{package: version}``; default: :func:`collect_framework_versions`.
+        awq_repo_id: Hub repo of the AWQ export of the same model, named in "Serve it"; default: ``repo_id``'s
+            ``-AWQ`` sibling (:func:`qalora_hf.awq_export.awq_sibling_repo_id`).
 
     Raises:
         ValueError: the rendered card still contains a token, a local absolute path or the user name,
@@ -389,6 +469,8 @@ def build_model_card(
         loss_plot=loss_plot,
         eval_rows=rows,
         limitations=_limitations(bits, names, datasets, license),
+        serve=serve_section(gptq_repo_id=repo_id, awq_repo_id=awq_repo_id or _awq_sibling(repo_id), bits=bits,
+                            group_size=group_size, desc_act=desc_act),
     )
     assert_no_secrets(str(card))
     return card

@@ -5,6 +5,7 @@
     qalora-hf merge --base BASE --adapter ADAPTER_DIR --output-dir OUT [--strategy distill|scales|gptq|round]
                     [--calibration-file rows.json[l]] [--push-to-hub user/name] ...
     qalora-hf push OUT user/name [--private] [--revision R] [--commit-message M]
+    qalora-hf awq GPTQ_DIR_OR_REPO --output-dir OUT_AWQ [--push-to-hub user/name-AWQ] [--gptq-repo-id user/name] ...
     qalora-hf gguf OUT -o model-Q4_1.gguf [--float-type auto|f32|f16|bf16] [--push-to-hub user/name-GGUF] ...
 
 Every input is checked before a model is loaded; bad input ends with a one-line ``qalora-hf: error: ...``
@@ -81,8 +82,12 @@ def _check_adapter(adapter: str) -> dict:
     if not config.get("use_qalora", False):
         raise UsageError(f"--adapter {adapter} is a plain LoRA adapter (use_qalora is not true); only QA-LoRA adapters "
                          "merge into GPTQ zero-points")
-    if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise UsageError(f"--adapter {adapter}: no adapter_model.safetensors")
+    from .safety import check_adapter_dir
+
+    try:
+        check_adapter_dir(path)
+    except FileNotFoundError as err:
+        raise UsageError(f"--adapter {adapter}: {err}") from None
     return config
 
 
@@ -262,7 +267,7 @@ def cmd_merge(args) -> int:
     merged, report = merge_qalora(model, strategy=args.strategy, calibration=calibration, progress=False)
     totals = report.totals
     metrics.update({k: totals[k] for k in ("layers", "exact_layers", "codes_changed", "zeros_changed", "zeros_clamped",
-                                           "rel_output_error_mean") if totals.get(k) is not None})
+                                           "rel_output_error_mean", "zero_points_at_0") if totals.get(k) is not None})
     if eval_batches:
         loss_exported, logits_exported = measure(merged, eval_batches)
         diffs = [(a - b).abs() for a, b in zip(logits_trained, logits_exported)]
@@ -283,7 +288,7 @@ def cmd_merge(args) -> int:
         extra_files["merge_report.json"].write_text(json.dumps({"metrics": metrics, **report.to_dict()}, indent=2) + "\n")
         _log(f"exporting to {args.output_dir}")
         out = export_gptq(merged, args.output_dir, tokenizer=tokenizer, card=model_card, adapter_dir=args.adapter,
-                          extra_files=extra_files, overwrite=args.overwrite)
+                          extra_files=extra_files, overwrite=args.overwrite, base_model_id=args.base_model_id)
 
     commit = None
     if args.push_to_hub:
@@ -372,6 +377,63 @@ def cmd_gguf(args) -> int:
     return 0
 
 
+def cmd_awq(args) -> int:
+    """Repack a merged 4-bit GPTQ export losslessly into AWQ's GEMM layout (docs/awq.md); optionally push it."""
+    from .awq_export import AwqExportError, _check_gptq_dir
+
+    _check_output_dir(args.output_dir, args.overwrite)
+    for flag in ("push_to_hub", "gptq_repo_id"):
+        if getattr(args, flag):
+            _check_repo_id(getattr(args, flag), "--" + flag.replace("_", "-"))
+    source = Path(args.source).expanduser()
+    gptq_repo_id = args.gptq_repo_id
+    if not source.exists():
+        if args.source.startswith((".", "/", "~")) or args.source.count("/") != 1:
+            raise UsageError(f"{args.source}: no such directory (and not a Hub repo id 'namespace/name')")
+        from huggingface_hub import snapshot_download
+
+        _log(f"downloading {args.source} from the Hub")
+        source = Path(snapshot_download(args.source, allow_patterns=["*.json", "*.safetensors", "*.md", "*.jinja", "*.txt",
+                                                                     "*.model", "*.png"]))
+        gptq_repo_id = gptq_repo_id or args.source
+    try:
+        _check_gptq_dir(source)  # refusals (act-order, bits, group size, float, adapter dir) before loading
+    except AwqExportError as err:
+        raise UsageError(str(err)) from None
+    t0 = time.time()
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")
+    from .awq_export import export_awq
+
+    card = None
+    adapter = source / "adapter" if (source / "adapter" / "adapter_config.json").is_file() else None
+    repo_id = args.push_to_hub or f"{args.namespace}/{Path(args.output_dir).resolve().name}"
+    if (source / "README.md").is_file() and not args.no_card:
+        from huggingface_hub import ModelCard
+
+        from .card import build_awq_model_card
+
+        group_size = int(_read_json(source / "config.json", "the GPTQ config")["quantization_config"]["group_size"])
+        card = build_awq_model_card(ModelCard.load(source / "README.md"), repo_id=repo_id, gptq_repo_id=gptq_repo_id,
+                                    group_size=group_size, has_adapter=adapter is not None)
+    extra = {name: source / name for name in ("merge_report.json", "loss.png") if (source / name).is_file()}
+    _log(f"repacking {source.name} into AWQ's GEMM layout -> {args.output_dir}")
+    try:
+        out = export_awq(source, args.output_dir, card=card, extra_files=extra, overwrite=args.overwrite, adapter_dir=adapter)
+    except AwqExportError as err:
+        raise UsageError(str(err)) from None
+    commit = None
+    if args.push_to_hub:
+        from .hub import push_gptq_to_hub
+
+        _log(f"pushing to {args.push_to_hub}")
+        commit = push_gptq_to_hub(out, args.push_to_hub, private=args.private,
+                                  commit_message="Upload QA-LoRA merged model (AWQ GEMM layout)")
+    qc = _read_json(out / "config.json", "the AWQ config")["quantization_config"]
+    _print_summary({"format": f"awq gemm, {qc['bits']}-bit, group size {qc['group_size']}, zero_point"}, out, commit,
+                   args.push_to_hub, time.time() - t0)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Merge, export and push QA-LoRA GPTQ models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -427,6 +489,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpaca-template", action="store_true", help="the pushed ollama Modelfile uses the Alpaca prompt "
                    "(for models fine-tuned on it); default: ollama uses the chat template stored in the GGUF")
     g.set_defaults(func=cmd_gguf)
+
+    a = sub.add_parser("awq", help="repack a merged 4-bit GPTQ export losslessly as AWQ (GEMM) for vLLM/SGLang Marlin, "
+                                   "mlx-lm and transformers")
+    a.add_argument("source", help="GPTQ export directory (qalora-hf merge / export_gptq) or its Hub repo id")
+    a.add_argument("--output-dir", required=True, help="where to write the AWQ checkpoint (written atomically)")
+    a.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    a.add_argument("--push-to-hub", metavar="REPO_ID", help="push the AWQ export to this Hub repo (convention: "
+                   "the GPTQ repo's name with -AWQ)")
+    a.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    a.add_argument("--gptq-repo-id", help="Hub id of the GPTQ export, linked from the AWQ card (default: SOURCE when it "
+                   "is a repo id)")
+    a.add_argument("--no-card", action="store_true", help="do not derive an AWQ card from the GPTQ export's README.md")
+    a.add_argument("--namespace", default="your-user", help="namespace shown in the card when not pushing")
+    a.set_defaults(func=cmd_awq)
     return parser
 
 

@@ -7,6 +7,21 @@ from typing import Optional, Union
 
 from peft import LoraConfig
 
+# The key our adapter files carry so that their pooling can be told apart from stock PEFT's (stock PEFT
+# ignores unknown adapter_config.json keys, with a warning).  Stock PEFT pools contiguous channels; we pool
+# by g_idx; the two agree exactly when g_idx[i] == i // group_size (act-order off).
+POOLING_KEY = "qalora_pooling"
+POOLING_G_IDX = "g_idx"
+
+
+@dataclass
+class QALoraLoraConfig(LoraConfig):
+    """``peft.LoraConfig`` plus ``qalora_pooling="g_idx"``, written into ``adapter_config.json`` by every
+    PEFT ``save_pretrained`` (Trainer checkpoints included), so a loader knows these adapters pool by
+    ``g_idx`` (docs/conventions.md)."""
+
+    qalora_pooling: str = field(default=POOLING_G_IDX, metadata={"help": "How the adapter input is pooled: 'g_idx'."})
+
 
 @dataclass
 class QALoraConfig:
@@ -65,8 +80,9 @@ class QALoraConfig:
         return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
     def to_lora_config(self, group_size: int) -> LoraConfig:
-        """The equivalent ``peft.LoraConfig(use_qalora=True, qalora_group_size=group_size)``."""
-        return LoraConfig(
+        """The equivalent ``peft.LoraConfig(use_qalora=True, qalora_group_size=group_size)`` (as a
+        :class:`QALoraLoraConfig`, which records ``qalora_pooling="g_idx"`` in saved adapters)."""
+        return QALoraLoraConfig(
             r=self.r,
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,

@@ -1,11 +1,13 @@
 """Writing a (merged) GPTQ model as a checkpoint that stock transformers + optimum + gptqmodel load.
 
-Why not plain ``save_pretrained``: with gptqmodel's torch kernels the in-memory zero-points are v2
-(the real ``z``), but ``save_pretrained`` writes them unchanged under whatever ``checkpoint_format``
-the config carries, so a v1-labelled checkpoint reloads with every zero-point off by one (DESIGN.md
-§3).  :func:`export_gptq` converts ``qzeros`` to v1 with gptqmodel's own converter and writes
-``checkpoint_format: "gptq"`` (v1), which transformers/optimum/gptqmodel, vLLM and most other GPTQ
-engines read.
+With gptqmodel's torch kernels the in-memory zero-points are v2 (the real ``z``), while the config
+says ``checkpoint_format: "gptq"`` (v1, ``z - 1`` on disk); plain ``save_pretrained`` would write the v2
+values under the v1 label and the reload would be off by one zero-point everywhere (docs/gptq_format.md).
+Every GPTQ model this package hands back carries
+:func:`qalora_hf.gptq_format.install_checkpoint_format_hooks`, so its ``save_pretrained`` and
+``push_to_hub`` write what the label says.  :func:`export_gptq` is the full-featured path: v1
+``qzeros`` (the format transformers/optimum/gptqmodel, vLLM and most other GPTQ engines read), a clean
+``quantization_config``, tokenizer, card, adapter and report, written atomically.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .gptq_format import count_zero_points_at_0, install_checkpoint_format_hooks, set_checkpoint_format
+from .safety import ADAPTER_FILES, assert_folder_publishable, check_adapter_dir  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +44,6 @@ def clean_quantization_config(qc, *, sym: Optional[bool] = None) -> dict:
         out["sym"] = sym
     out["checkpoint_format"] = "gptq"
     return out
-
-
-def _v1_state_dict(model) -> dict[str, torch.Tensor]:
-    from .gptq_format import qzeros_v2_to_v1
-    from .model import gptq_layers
-
-    sd = {k: v for k, v in model.state_dict().items()}
-    for name, layer in gptq_layers(model).items():
-        key = f"{name}.qzeros"
-        if key in sd:
-            sd[key] = qzeros_v2_to_v1(layer.qzeros.detach().cpu(), int(layer.bits))
-    return sd
 
 
 def _pid_alive(pid: int) -> bool:
@@ -86,6 +79,26 @@ def _atomic_replace(tmp: Path, target: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+def _copy_adapter(adapter_dir: Path, dest: Path, base_model_id: Optional[str]) -> None:
+    """Copy only :data:`ADAPTER_FILES`; ``base_model_name_or_path`` becomes ``base_model_id``, or loses its local directories."""
+    dest.mkdir(parents=True)
+    shutil.copyfile(adapter_dir / "adapter_model.safetensors", dest / "adapter_model.safetensors")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    recorded = config.get("base_model_name_or_path")
+    if base_model_id:
+        config["base_model_name_or_path"] = base_model_id
+    elif isinstance(recorded, str) and (Path(recorded).is_absolute() or recorded.startswith("~") or Path(recorded).exists()):
+        config["base_model_name_or_path"] = Path(recorded.rstrip("/")).name
+    (dest / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _check_extra_names(extra_files: dict) -> None:
+    for name in extra_files:
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or name.startswith("~") or "\\" in name:
+            raise ValueError(f"extra_files name {name!r} must be a relative path inside the export (no '..', not absolute).")
+
+
 def export_gptq(
     model,
     output_dir: str | os.PathLike,
@@ -95,14 +108,20 @@ def export_gptq(
     extra_files: Optional[dict[str, str | os.PathLike]] = None,
     overwrite: bool = False,
     max_shard_size: str = "2GB",
+    base_model_id: Optional[str] = None,
+    tokens: tuple = (),
 ) -> Path:
     """Write a GPTQ model (merged or not) atomically as a stock-loadable checkpoint.
 
     Writes sharded ``*.safetensors`` (with v1 ``qzeros``), ``config.json`` with a cleaned
     ``quantization_config`` (:func:`clean_quantization_config`), ``generation_config.json``, the
     tokenizer (with its chat template), ``README.md`` from ``card`` (a ``huggingface_hub.ModelCard``),
-    the PEFT adapter directory copied to ``adapter/``, and ``extra_files`` (``{relative name: source path}``,
-    e.g. a loss plot).  Everything goes into a temporary directory beside ``output_dir`` that is
+    the adapter's ``adapter_config.json`` + ``adapter_model.safetensors`` (only those: no pickle of a
+    checkpoint directory, such as ``training_args.bin`` with its ``hub_token``) in ``adapter/``, with
+    ``base_model_name_or_path`` set to ``base_model_id`` or stripped of local directories, and
+    ``extra_files`` (``{relative name: source path}``, e.g. a loss plot).  Before the rename every file is
+    checked by :func:`qalora_hf.safety.assert_folder_publishable` (no pickle, no token — ``tokens`` adds
+    exact values to look for —, no local path).  Everything goes into a temporary directory beside ``output_dir`` that is
     renamed into place only when complete, so an interrupted export leaves no half-written directory:
     ``output_dir`` is either absent or the previous complete export, and at most a hidden
     ``.<name>.tmp-<pid>-<hex>`` directory beside it, which the next export to the same ``output_dir``
@@ -114,6 +133,9 @@ def export_gptq(
     Raises:
         TypeError: ``model`` is a ``PeftModel`` (merge it first) or has no GPTQ layers.
         FileExistsError: ``output_dir`` exists and is not empty, and ``overwrite`` is False.
+        FileNotFoundError: ``adapter_dir`` lacks ``adapter_config.json`` / ``adapter_model.safetensors``.
+        ValueError: an ``extra_files`` name outside the export, or a file that would publish a pickle,
+            a token or a local path (nothing is renamed into place then).
     """
     from peft import PeftModel
 
@@ -127,21 +149,19 @@ def export_gptq(
     target = Path(output_dir).absolute()
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; choose another output_dir or pass overwrite=True.")
-    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"adapter_dir {adapter_dir} has no adapter_config.json.")
+    if adapter_dir is not None:
+        adapter_dir = check_adapter_dir(adapter_dir)
+    _check_extra_names(extra_files or {})
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp_dirs(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir()
-        # transformers' GPTQ quantizer replaces a given state_dict with the in-memory (v2) one; detach
-        # it for the write so the v1 zero-points land on disk.
-        quantizer = getattr(model, "hf_quantizer", None)
-        model.hf_quantizer = None
-        try:
-            model.save_pretrained(tmp, state_dict=_v1_state_dict(model), max_shard_size=max_shard_size)
-        finally:
-            model.hf_quantizer = quantizer
+        # The export is v1 ("gptq"): label the model so, and let its state dict convert the in-memory
+        # zero-points to that label (install_checkpoint_format_hooks), as every later save_pretrained will.
+        set_checkpoint_format(model.config, "gptq")
+        install_checkpoint_format_hooks(model)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
         config_path = tmp / "config.json"
         config = json.loads(config_path.read_text())
         config["quantization_config"] = clean_quantization_config(qc)
@@ -152,15 +172,23 @@ def export_gptq(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if adapter_dir is not None:
-            shutil.copytree(adapter_dir, tmp / "adapter", ignore=shutil.ignore_patterns("README.md", "*.pt", "*.pth"))
+            _copy_adapter(adapter_dir, tmp / "adapter", base_model_id)
         for name, src in (extra_files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / name)
         if card is not None:
             card.save(tmp / "README.md")
+        assert_folder_publishable(tmp, tokens)
         _atomic_replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    zeros = count_zero_points_at_0(model)
+    if zeros:
+        logger.warning(
+            "%s: %d zero-points are 0; transformers/optimum/gptqmodel read them exactly, but engines that unpack the "
+            "v1 format per field (vLLM's and SGLang's ExLlama gptq kernels) misread those groups: serve the AWQ or "
+            "GGUF export there (docs/gptq_format.md).", target.name, zeros,
+        )
     logger.info("exported GPTQ checkpoint to %s", target)
     return target

@@ -212,3 +212,113 @@ def qzeros_v2_to_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     settings = SimpleNamespace(bits=bits, pack_dtype=torch.int32)
     convert_gptq_v2_to_v1_format_module(holder, quantize_config=settings)
     return holder.qzeros.data
+
+
+def qzeros_v1_to_v2(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`qzeros_v2_to_v1` (gptqmodel's own ``convert_gptq_v1_to_v2_format_module``), on a copy."""
+    from gptqmodel.nn_modules.qlinear import PackableQuantLinear
+    from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
+
+    holder = PackableQuantLinear.__new__(PackableQuantLinear)
+    torch.nn.Module.__init__(holder)
+    holder.qzeros = torch.nn.Parameter(qzeros.clone(), requires_grad=False)
+    holder.bits = bits
+    holder.pack_dtype = torch.int32
+    holder.planar = False
+    holder._qzeros_format = 1
+    convert_gptq_v1_to_v2_format_module(holder, bits=bits, pack_dtype=torch.int32)
+    return holder.qzeros.data
+
+
+def checkpoint_format(config) -> str:
+    """The on-disk zero-point format a transformers config's ``quantization_config`` names: ``"gptq"`` (v1,
+    stores ``z - 1``) or ``"gptq_v2"`` (stores ``z``)."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return "gptq"
+    if isinstance(qc, dict):
+        fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
+    else:
+        fmt = getattr(qc, "format", None) or getattr(qc, "checkpoint_format", None) or "gptq"
+    return str(getattr(fmt, "value", fmt)).lower()
+
+
+def set_checkpoint_format(config, fmt: str) -> None:
+    """Set the ``checkpoint_format`` label of a config's ``quantization_config`` (object or dict) to ``fmt``."""
+    qc = getattr(config, "quantization_config", None)
+    if isinstance(qc, dict):
+        qc["checkpoint_format"] = fmt
+        qc.pop("format", None)
+    elif qc is not None:
+        qc.format = fmt
+
+
+def install_checkpoint_format_hooks(model) -> int:
+    """Make ``model.state_dict()`` hold ``qzeros`` in the format its config names, and ``load_state_dict`` read them back.
+
+    gptqmodel's trainable kernels keep v2 zero-points in memory (the real ``z``) while a checkpoint
+    loaded from disk keeps ``checkpoint_format: "gptq"`` (v1: ``z - 1``) in its config, and
+    transformers' ``save_pretrained`` / ``push_to_hub`` write ``model.state_dict()`` as it is: without
+    these hooks a load -> save -> load round trip shifts every zero-point by one (docs/gptq_format.md).
+    The state-dict hook converts a *copy* of each layer's ``qzeros`` from the layer's in-memory format
+    (v2 for kernels with ``REQUIRES_FORMAT_V2``, else ``layer.qzero_format()``) to the labelled one with gptqmodel's own converters; the load pre-hook does
+    the inverse, so ``model.load_state_dict(model.state_dict())`` is the identity.  The label is read at
+    call time from ``model.config``.  Idempotent.
+
+    Returns:
+        How many GPTQ layers got the hooks (0 when all already had them).
+    """
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    config = model.config
+    added = 0
+
+    def wanted() -> int:
+        return 2 if checkpoint_format(config) == "gptq_v2" else 1
+
+    def in_memory(module) -> int:
+        # Kernels that require v2 hold v2 whatever their (not always updated) qzero_format() says: after
+        # GPTQ packing gptqmodel leaves it at 1 while the buffers hold the real z.
+        return 2 if getattr(type(module), "REQUIRES_FORMAT_V2", False) else module.qzero_format()
+
+    def to_disk(module, state_dict, prefix, local_metadata):
+        key = prefix + "qzeros"
+        have, want = in_memory(module), wanted()
+        if key in state_dict and have != want:
+            convert = qzeros_v2_to_v1 if want == 1 else qzeros_v1_to_v2
+            state_dict[key] = convert(state_dict[key].detach().cpu(), int(module.bits)).to(state_dict[key].device)
+
+    def from_disk(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "qzeros"
+        have, want = in_memory(module), wanted()
+        if key in state_dict and have != want:
+            convert = qzeros_v1_to_v2 if want == 1 else qzeros_v2_to_v1
+            state_dict[key] = convert(state_dict[key].detach().cpu(), int(module.bits)).to(state_dict[key].device)
+
+    for module in model.modules():
+        if isinstance(module, BaseQuantLinear) and hasattr(module, "qzeros") and hasattr(module, "qzero_format"):
+            if getattr(module, "_qalora_format_hooks", False):
+                continue
+            module.register_state_dict_post_hook(to_disk)
+            module.register_load_state_dict_pre_hook(from_disk)
+            module._qalora_format_hooks = True
+            added += 1
+    return added
+
+
+def count_zero_points_at_0(model) -> int:
+    """How many zero-points of ``model``'s GPTQ layers are exactly 0.
+
+    The v1 checkpoint format stores ``z - 1`` per packed field; gptqmodel writes ``-1`` with word
+    arithmetic (the borrow runs into the neighbouring fields) and its own loader inverts that exactly, but an
+    engine that unpacks v1 field by field (``field + 1``, the ExLlama ``gptq`` path of vLLM and SGLang)
+    misreads such a group and its neighbours by up to ``2**bits`` steps.  The merge never creates a new 0;
+    a base checkpoint may hold some.  The AWQ and GGUF exports store ``z`` itself and are not affected.
+    """
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, BaseQuantLinear) and getattr(type(module), "REQUIRES_FORMAT_V2", False):
+            total += int((read_layer(module).z == 0).sum())
+    return total

@@ -17,6 +17,8 @@ from typing import TypeVar
 
 from huggingface_hub import HfApi, constants
 
+from .safety import assert_folder_publishable
+
 try:  # transport errors of the HTTP client used by huggingface_hub >= 1.0
     import httpx2
 
@@ -95,7 +97,21 @@ def _validate(folder: str | os.PathLike, repo_id: str, revision: str | None, max
     return path
 
 
-def _status_of(err: BaseException) -> int | None:
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it wraps (``__cause__``, else ``__context__``), outermost first.
+
+    huggingface_hub wraps a failed LFS upload as ``RuntimeError("Error while uploading 'x' to the Hub.")``
+    raised ``from`` the HTTP or transport error (``_commit_api._upload_lfs_files``).
+    """
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen and len(chain) < 8:
+        chain.append(err)
+        seen.add(id(err))
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return chain
+
+
+def _own_status(err: BaseException) -> int | None:
     status = getattr(getattr(err, "response", None), "status_code", None)
     if status is None:  # hf_xet reports HTTP errors as ConnectionError("... HTTP status client error (404 ...")
         match = re.search(r"HTTP status (?:client|server) error \((\d{3})", str(err))
@@ -103,11 +119,31 @@ def _status_of(err: BaseException) -> int | None:
     return status
 
 
+def _status_of(err: BaseException) -> int | None:
+    """HTTP status of ``err`` or of the first exception it wraps that has one."""
+    return next((s for s in map(_own_status, _chain(err)) if s is not None), None)
+
+
 def _is_transient(err: BaseException) -> bool:
+    """Retry on HTTP 408/429/5xx, connection errors and timeouts, also when wrapped (e.g. a failed LFS upload)."""
     status = _status_of(err)
     if status is not None:
         return status in RETRY_STATUS_CODES
-    return isinstance(err, (ConnectionError, TimeoutError, *_TRANSPORT_ERRORS))
+    return any(isinstance(e, (ConnectionError, TimeoutError, *_TRANSPORT_ERRORS)) for e in _chain(err))
+
+
+def _describe(err: BaseException) -> str:
+    """``Type: message`` of ``err`` and of the exceptions it wraps, down to the first HTTP or transport error.
+
+    A wrapper such as huggingface_hub's ``RuntimeError("Error while uploading 'x' to the Hub.")`` so keeps
+    the status and server message of its cause; an HTTP error is reported alone.
+    """
+    parts: list[str] = []
+    for e in _chain(err):
+        parts.append(f"{type(e).__name__}: {str(e).strip()}")
+        if _own_status(e) is not None or isinstance(e, (ConnectionError, TimeoutError, *_TRANSPORT_ERRORS)):
+            break
+    return " <- caused by ".join(parts)
 
 
 def _with_retries(step: str, fn: Callable[[], T], *, max_retries: int, backoff_s: float, secrets: list) -> T:
@@ -118,7 +154,7 @@ def _with_retries(step: str, fn: Callable[[], T], *, max_retries: int, backoff_s
             return fn()
         except Exception as err:  # classified below; anything unexpected is re-raised redacted too
             failure, status = err, _status_of(err)
-            message = redact_tokens(f"{type(err).__name__}: {err}", secrets)
+            message = redact_tokens(_describe(err), secrets)
             if "xet-write-token" in message:
                 message += (" (this endpoint has no Xet storage: "
                             "set HF_HUB_DISABLE_XET=1 before importing huggingface_hub)")
@@ -149,7 +185,9 @@ def push_gptq_to_hub(
 
     Each step (``create_repo``, ``create_branch``, ``upload_folder``) is retried on transient
     failures (HTTP 408/429/5xx, connection errors, timeouts) with exponential backoff
-    ``backoff_s * 2**k``; other HTTP errors (401, 403, 404, ...) fail at once.
+    ``backoff_s * 2**k``; other HTTP errors (401, 403, 404, ...) fail at once. A failed LFS upload,
+    which huggingface_hub wraps in a ``RuntimeError``, is classified by its cause, and the cause's
+    message is kept in the error.
 
     Args:
         folder: Local folder with ``config.json`` and the quantized weights (subfolders are uploaded too).
@@ -166,10 +204,12 @@ def push_gptq_to_hub(
 
     Raises:
         ValueError: Invalid ``folder`` (missing, or no ``config.json``), ``repo_id``, ``revision`` or
-            retry settings; raised before any network request.
+            retry settings, or a file in ``folder`` that holds a pickle, a Hub token or a local path
+            (:func:`qalora_hf.safety.assert_folder_publishable`); raised before any network request.
         HubPushError: A step failed for good; its message has every token redacted.
     """
     path = _validate(folder, repo_id, revision, max_retries, backoff_s)
+    assert_folder_publishable(path, [token])
     endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
     secrets = [token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
     api = HfApi(endpoint=endpoint, token=token)

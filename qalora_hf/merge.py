@@ -45,7 +45,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 
 from .adapter import group_delta
-from .gptq_format import GPTQTensors, read_layer, write_layer
+from .gptq_format import GPTQTensors, count_zero_points_at_0, install_checkpoint_format_hooks, read_layer, write_layer
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ class LayerMergeReport:
         shift_abs_median / shift_abs_p99 / shift_abs_max: ``|t|`` in quantisation steps.
         shift_frac_mean: mean ``|t - round(t)|`` (0 means the zero-point merge alone is exact).
         shift_frac_above_half: fraction of ``|t| > 0.5``.
-        zeros_clamped: zero-points ``z - t`` that fell outside ``[0, 2**bits - 1]`` and were clamped.
+        zeros_clamped: zero-points ``z - t`` that fell outside ``[1, 2**bits - 1]`` (``[0, ...]`` where the base
+            zero-point is already 0) and were clamped.
         zeros_changed / codes_changed: integers rewritten; scales_changed: fp16 scales rewritten.
         max_abs_weight_error: max ``|W_int - (W_base + dW)|`` over the layer.
         rel_output_error: ``tr(E H E^T) / tr(dW H dW^T)`` with ``E = W_int - (W_base + dW)``: the output
@@ -93,6 +94,7 @@ class MergeReport:
     strategy: str
     layers: list[LayerMergeReport] = field(default_factory=list)
     distill: Optional[dict] = None  # the "distill" phase: steps, kl_first, kl_last, scales_changed
+    zero_points_at_0: Optional[int] = None  # over every GPTQ layer of the merged model (see count_zero_points_at_0)
 
     @property
     def totals(self) -> dict:
@@ -110,6 +112,7 @@ class MergeReport:
             "shift_abs_p99_max": max((lr.shift_abs_p99 for lr in self.layers), default=0.0),
             "shift_frac_above_half": sum(lr.shift_frac_above_half for lr in self.layers) / max(n, 1),
             "rel_output_error_mean": sum(errs) / len(errs) if errs else None,
+            "zero_points_at_0": self.zero_points_at_0,
             **({f"distill_{k}": v for k, v in self.distill.items()} if self.distill else {}),
         }
 
@@ -286,8 +289,12 @@ def _merge_layer(name: str, t: GPTQTensors, delta: torch.Tensor, strategy: str, 
     shift = delta / t.scales  # t in quantisation steps, [G, N]
     zf = t.z.to(torch.float64) - shift.to(torch.float64)
     z_new = torch.round(zf)
-    clamped = int(((z_new < 0) | (z_new > t.maxq)).sum())
-    z_new = z_new.clamp(0, t.maxq).to(torch.int64)
+    # Never make a new zero-point 0: the v1 format stores z - 1, and a 0 only survives gptqmodel's word
+    # arithmetic (engines that unpack v1 per field misread it and its neighbours; docs/gptq_format.md).
+    # A base zero-point that is already 0 may stay 0.  The calibrated strategies absorb the clamp.
+    floor = t.z.clamp(max=1).to(z_new.dtype)
+    clamped = int(((z_new < floor) | (z_new > t.maxq)).sum())
+    z_new = torch.maximum(z_new, floor).clamp(max=t.maxq).to(torch.int64)
     q_new, s_new = t.q, t.scales
     target = t.dequantize() + delta[t.g_idx].t()  # [N, K]
     if strategy in ("scales", "distill"):
@@ -462,5 +469,7 @@ def merge_qalora(
     hf_quantizer = getattr(merged, "hf_quantizer", None)
     if hf_quantizer is not None and hf_quantizer.quantization_config is not qc:
         hf_quantizer.quantization_config.sym = False
+    report.zero_points_at_0 = count_zero_points_at_0(merged)
+    install_checkpoint_format_hooks(merged)  # merged.save_pretrained / push_to_hub write a correct checkpoint
     logger.info("merge: %s", report.totals)
     return merged, report

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from .adapter import QALoraGPTQLinear, gptq_group_size, pooling_permutation
-from .config import QALoraConfig
-from .gptq_format import SUPPORTED_BITS
+from .config import POOLING_G_IDX, POOLING_KEY, QALoraConfig, QALoraLoraConfig
+from .gptq_format import SUPPORTED_BITS, install_checkpoint_format_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +138,7 @@ def get_qalora_model(model, config: Optional[QALoraConfig] = None, adapter_name:
     """
     config = config or QALoraConfig()
     lora_config, names = _lora_config_for(model, config)
+    install_checkpoint_format_hooks(model)  # so the merged model's save_pretrained writes a correct checkpoint
     peft_model = get_peft_model(model, _register(lora_config), adapter_name=adapter_name)
     n_adapted = sum(isinstance(m, QALoraGPTQLinear) for m in peft_model.modules())
     if n_adapted != len(names):
@@ -145,18 +149,49 @@ def get_qalora_model(model, config: Optional[QALoraConfig] = None, adapter_name:
 def load_qalora_adapter(model, adapter_path: str, is_trainable: bool = False, adapter_name: str = "default", **kwargs) -> PeftModel:
     """Load a saved QA-LoRA adapter (ours or stock PEFT ``use_qalora``) onto a GPTQ ``model``.
 
+    Our adapter files record ``"qalora_pooling": "g_idx"``; a file without it is a stock PEFT adapter,
+    which pools contiguous channels: it loads on a base without act-order (where both poolings agree) and
+    is refused on an act-order base, where its update cannot be merged.
+
     Args:
         adapter_path: a local directory or Hub repo holding ``adapter_config.json`` and
             ``adapter_model.safetensors``; ``kwargs`` go to ``PeftModel.from_pretrained`` (``subfolder``,
             ``revision``, ...).
 
     Raises:
-        ValueError: the adapter is not a QA-LoRA adapter (``use_qalora`` false), or it does not fit the model.
+        ValueError: the adapter is not a QA-LoRA adapter (``use_qalora`` false), a stock PEFT adapter on an
+            act-order base, or it does not fit the model.
     """
-    lora_config = LoraConfig.from_pretrained(adapter_path, subfolder=kwargs.get("subfolder"), revision=kwargs.get("revision"))
+    raw = _read_adapter_config(adapter_path, subfolder=kwargs.get("subfolder"), revision=kwargs.get("revision"))
+    pooling = raw.pop(POOLING_KEY, None)
+    lora_config = LoraConfig.from_peft_type(**raw)
     if not getattr(lora_config, "use_qalora", False):
         raise ValueError(f"{adapter_path} is a plain LoRA adapter (use_qalora is false); it cannot be merged into GPTQ zero-points.")
-    checked, _ = _lora_config_for(model, QALoraConfig.from_lora_config(lora_config))
+    checked, names = _lora_config_for(model, QALoraConfig.from_lora_config(lora_config))
+    if pooling != POOLING_G_IDX:
+        layers = gptq_layers(model)
+        permuted = [n for n in names if pooling_permutation(layers[n].g_idx, int(lora_config.qalora_group_size), n) is not None]
+        if permuted:
+            raise ValueError(
+                f"{adapter_path} is a stock PEFT use_qalora adapter (its adapter_config.json has no "
+                f"'{POOLING_KEY}': '{POOLING_G_IDX}'): it pools contiguous channels, but this base uses act-order "
+                f"({permuted[0]} has a permuted g_idx), so its update is not constant inside quantisation groups and "
+                "cannot be merged into GPTQ zero-points. Train the adapter with qalora_hf (it pools by g_idx), or use a "
+                "base quantised with desc_act=False. If this adapter was trained by qalora_hf before its files were "
+                f"marked, add \"{POOLING_KEY}\": \"{POOLING_G_IDX}\" to its adapter_config.json."
+            )
+    lora_config = QALoraLoraConfig(**{f.name: getattr(lora_config, f.name) for f in dataclasses.fields(LoraConfig) if f.init})
     lora_config.target_modules = checked.target_modules
     lora_config.inference_mode = not is_trainable
+    install_checkpoint_format_hooks(model)
     return PeftModel.from_pretrained(model, adapter_path, config=_register(lora_config), is_trainable=is_trainable, adapter_name=adapter_name, **kwargs)
+
+
+def _read_adapter_config(adapter_path: str, subfolder: Optional[str] = None, revision: Optional[str] = None) -> dict:
+    """The raw ``adapter_config.json`` of a local directory or Hub repo (PEFT's own reader drops unknown keys)."""
+    path = Path(adapter_path, subfolder or "", "adapter_config.json")
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(adapter_path, "adapter_config.json", subfolder=subfolder, revision=revision))
+    return json.loads(path.read_text())

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .gptq_format import SUPPORTED_BITS
+from .gptq_format import SUPPORTED_BITS, install_checkpoint_format_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,9 @@ def quantize_model(model_path: str, qconfig: QuantizeConfig, calibration_texts: 
 def load_gptq_model(model_path: str, dtype: torch.dtype = torch.float32, device_map=None, **kwargs):
     """Load a GPTQ checkpoint with gptqmodel's trainable torch kernel (``GPTQConfig(backend="torch")``).
 
+    The model's ``save_pretrained`` / ``push_to_hub`` write a checkpoint that reloads to the same logits
+    (:func:`qalora_hf.gptq_format.install_checkpoint_format_hooks`).
+
     Raises:
         TypeError: the checkpoint has no GPTQ ``quantization_config``.
     """
@@ -137,9 +140,11 @@ def load_gptq_model(model_path: str, dtype: torch.dtype = torch.float32, device_
     if not qc or qc.get("quant_method") != "gptq":
         raise TypeError(f"{model_path} is not a GPTQ checkpoint; pass a quantize_config to quantise a float model first.")
     logger.info("load: %s with gptqmodel kernel backend=%r (trainable; the auto-picked CPU kernel is inference-only)", model_path, TRAINABLE_BACKEND)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         model_path, quantization_config=GPTQConfig(bits=int(qc["bits"]), backend=TRAINABLE_BACKEND), dtype=dtype, device_map=device_map, **kwargs
     )
+    install_checkpoint_format_hooks(model)  # save_pretrained / push_to_hub write what the config's label says
+    return model
 
 
 def is_gptq_checkpoint(model_path: str, **kwargs) -> bool:

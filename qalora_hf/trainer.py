@@ -320,9 +320,10 @@ class QALoraTrainer(SFTTrainer):
             extra = {"merge_report.json": report_path}
             if plot:
                 extra["loss.png"] = plot
+            hub_base = self.base_model_id if self.base_model_id and not Path(self.base_model_id).exists() else None
             out = export_gptq(
                 merged, self.export_dir, tokenizer=self.processing_class, card=card, adapter_dir=adapter_dir,
-                extra_files=extra, overwrite=True,
+                extra_files=extra, overwrite=True, base_model_id=hub_base, tokens=[(self.qalora_push or {}).get("token")],
             )
         if self.qalora_push:
             commit = push_gptq_to_hub(out, self.qalora_push["repo_id"], private=self.qalora_push["private"], token=self.qalora_push["token"])

@@ -5,7 +5,9 @@ server in the demo), the GPTQ base, and the base + the pushed adapter (``subfold
 prints the table: held-out Alpaca loss, MMLU 0-shot accuracy on a fixed subset, fraction of the
 fine-tuning gain kept, max logit difference trained vs exported; then one generated answer from the
 base and the exported model.  The table goes into ``--report`` and into the model card (pushed again
-as a new commit).
+as a new commit).  With ``--awq-repo-id``, the AWQ export of the same integers (``qalora-hf awq``, pushed to
+its ``-AWQ`` sibling repo) is loaded the same way and gets its own row; ``--awq-dir`` is its local export,
+whose card gets the same table.
 
 With ``--gguf-repo-id``/``--gguf-file`` it also downloads the GGUF Q4_1 export from its ``-GGUF`` repo and,
 where llama-cpp-python is installed, computes its held-out loss in llama.cpp on the same rows and token ids
@@ -33,6 +35,7 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 INSTRUCTION = "Give three tips for staying healthy."
+AWQ_ROW = "exported (merged, AWQ layout)"
 
 
 def main(argv=None) -> int:
@@ -42,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--report", required=True, help="markdown file for the results table")
     ap.add_argument("--mmlu-per-topic", type=int, default=2, help="MMLU questions per topic (57 topics)")
     ap.add_argument("--no-card-update", action="store_true")
+    ap.add_argument("--awq-repo-id", help="the AWQ export's Hub repo (qalora-hf awq), evaluated like the GPTQ export")
+    ap.add_argument("--awq-dir", help="local AWQ export directory whose card gets the table (with --awq-repo-id)")
     ap.add_argument("--gguf-repo-id", help="the -GGUF repo pushed by 'qalora-hf gguf --push-to-hub'")
     ap.add_argument("--gguf-file", help="the .gguf file name in that repo")
     args = ap.parse_args(argv)
@@ -68,12 +73,21 @@ def main(argv=None) -> int:
     exported = AutoModelForCausalLM.from_pretrained(args.repo_id, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(args.repo_id)
     kernel = type(exported.model.layers[0].self_attn.q_proj).__name__
+    awq, awq_kernel = None, None
+    if args.awq_repo_id:
+        print(f"loading {args.awq_repo_id} the same way", flush=True)
+        awq = AutoModelForCausalLM.from_pretrained(args.awq_repo_id, dtype=torch.float32).eval()
+        awq_kernel = type(awq.model.layers[0].self_attn.q_proj).__name__
     base = load_gptq_model(info["base_model"]).eval()
     trained = load_qalora_adapter(load_gptq_model(info["base_model"]), args.repo_id, subfolder="adapter").eval()
-    print(f"  loaded in {time.time() - t0:.0f}s (exported model kernel: {kernel})", flush=True)
+    print(f"  loaded in {time.time() - t0:.0f}s (exported model kernel: {kernel}"
+          f"{f'; AWQ export kernel: {awq_kernel}' if awq is not None else ''})", flush=True)
 
     results = {}
-    for name, model in (("base GPTQ", base), ("trained (adapter, unmerged)", trained), ("exported (merged GPTQ)", exported)):
+    models = [("base GPTQ", base), ("trained (adapter, unmerged)", trained), ("exported (merged GPTQ)", exported)]
+    if awq is not None:
+        models.append((AWQ_ROW, awq))
+    for name, model in models:
         t = time.time()
         loss = completion_loss(model, tok, holdout, max_length=max_length)
         acc = mmlu_accuracy(model, tok, mmlu)
@@ -81,15 +95,23 @@ def main(argv=None) -> int:
         print(f"  {name:30s} held-out loss {loss:.4f}  MMLU {100 * acc:.1f}%  ({time.time() - t:.0f}s)", flush=True)
 
     with torch.no_grad():
-        diffs = []
+        diffs, awq_diffs, awq_vs_gptq = [], [], []
         for prompt, completion in holdout[:16]:
             ids = tok(prompt + completion, return_tensors="pt", truncation=True, max_length=max_length)
-            diffs.append(float((trained(**ids).logits - exported(**ids).logits).abs().max()))
+            lt, le = trained(**ids).logits, exported(**ids).logits
+            diffs.append(float((lt - le).abs().max()))
+            if awq is not None:
+                la = awq(**ids).logits
+                awq_diffs.append(float((lt - la).abs().max()))
+                awq_vs_gptq.append(float((le - la).abs().max()))
     max_diff = max(diffs)
     lb, lt = results["base GPTQ"]["heldout_loss"], results["trained (adapter, unmerged)"]["heldout_loss"]
     for name, r in results.items():
         r["gain_kept"] = gain_kept(lb, lt, r["heldout_loss"])
     results["exported (merged GPTQ)"]["max_logit_diff_vs_trained"] = max_diff
+    if awq is not None:
+        results[AWQ_ROW]["max_logit_diff_vs_trained"] = max(awq_diffs)
+        results[AWQ_ROW]["max_logit_diff_vs_gptq_export"] = max(awq_vs_gptq)
 
     gguf_info = _gguf_check(args, holdout, lb, lt, results["exported (merged GPTQ)"]["heldout_loss"], max_length)
     if gguf_info.get("fidelity"):
@@ -119,6 +141,12 @@ def main(argv=None) -> int:
     elif kept is not None and kept < 0.95:
         verdict += (f" That is below the project's goal of 95%: the integer merge loses {100 * (1 - kept):.1f}% of the "
                     "fine-tuning gain.")
+    if awq is not None:
+        ra = results[AWQ_ROW]
+        awq_kept = "undefined" if ra["gain_kept"] is None else f"{100 * ra['gain_kept']:.1f}%"
+        verdict += (f" The AWQ export (`{args.awq_repo_id}`, the same integers in AWQ's layout, kernel `{awq_kernel}`) keeps "
+                    f"{awq_kept} of the gain; its logits differ from the GPTQ export's by at most "
+                    f"{ra['max_logit_diff_vs_gptq_export']:.2e} on 16 held-out rows.")
     table = "\n".join(lines)
     gen_base = generate_answer(base, tok, INSTRUCTION)
     gen_export = generate_answer(exported, tok, INSTRUCTION)
@@ -137,30 +165,30 @@ def main(argv=None) -> int:
     Path(args.report).with_suffix(".json").write_text(json.dumps({"date": date, "strategy": strategy, "results": results}, indent=2))
 
     if not args.no_card_update:
-        export_dir = Path(info["export_dir"])
-        card = ModelCard.load(export_dir / "README.md")
-        section = "## Demo evaluation (fresh-process check)\n\n" + report
-        marker = "## Demo evaluation (fresh-process check)"
-        text = card.text.split(marker)[0].rstrip() + "\n\n" + section
-        card.text = text
-        r = results["exported (merged GPTQ)"]
-        card.data.eval_results = [
-            EvalResult(task_type="text-generation", dataset_type="cais/mmlu", dataset_name=f"MMLU (0-shot, {len(mmlu)}-question subset)",
-                       metric_type="accuracy", metric_value=round(r["mmlu_acc"], 4)),
-            EvalResult(task_type="text-generation", dataset_type="tatsu-lab/alpaca", dataset_name=f"Alpaca held-out ({len(holdout)} rows)",
-                       metric_type="loss", metric_value=round(r["heldout_loss"], 4)),
-        ]
-        card.data.model_name = args.repo_id.split("/")[-1]
-        card.save(export_dir / "README.md")
-        if args.gguf_repo_id and args.gguf_file:
-            from qalora_hf.card import LLAMA_CPP_HEADING, llama_cpp_section, replace_section
-
-            fid = _card_fidelity(gguf_info, results)
+        cards = [(Path(info["export_dir"]), args.repo_id, results["exported (merged GPTQ)"])]
+        if awq is not None and args.awq_dir:
+            cards.append((Path(args.awq_dir), args.awq_repo_id, results[AWQ_ROW]))
+        for export_dir, repo_id, r in cards:
             card = ModelCard.load(export_dir / "README.md")
-            card.text = replace_section(card.text, LLAMA_CPP_HEADING, llama_cpp_section(args.gguf_repo_id, args.gguf_file, fid))
+            section = "## Demo evaluation (fresh-process check)\n\n" + report
+            marker = "## Demo evaluation (fresh-process check)"
+            text = card.text.split(marker)[0].rstrip() + "\n\n" + section
+            card.text = text
+            card.data.eval_results = [
+                EvalResult(task_type="text-generation", dataset_type="cais/mmlu", dataset_name=f"MMLU (0-shot, {len(mmlu)}-question subset)",
+                           metric_type="accuracy", metric_value=round(r["mmlu_acc"], 4)),
+                EvalResult(task_type="text-generation", dataset_type="tatsu-lab/alpaca", dataset_name=f"Alpaca held-out ({len(holdout)} rows)",
+                           metric_type="loss", metric_value=round(r["heldout_loss"], 4)),
+            ]
+            card.data.model_name = repo_id.split("/")[-1]
+            if repo_id == args.repo_id and args.gguf_repo_id and args.gguf_file:  # the GGUF of these integers: commands, figures
+                from qalora_hf.card import LLAMA_CPP_HEADING, llama_cpp_section, replace_section
+
+                card.text = replace_section(card.text, LLAMA_CPP_HEADING,
+                                            llama_cpp_section(args.gguf_repo_id, args.gguf_file, _card_fidelity(gguf_info, results)))
             card.save(export_dir / "README.md")
-        commit = push_gptq_to_hub(export_dir, args.repo_id, commit_message="Add demo evaluation to the model card")
-        print(f"model card updated and pushed (commit {commit[:12]})", flush=True)
+            commit = push_gptq_to_hub(export_dir, repo_id, commit_message="Add demo evaluation to the model card")
+            print(f"model card of {repo_id} updated and pushed (commit {commit[:12]})", flush=True)
         if gguf_info.get("path"):
             from qalora_hf.card import ALPACA_OLLAMA_TEMPLATE
             from qalora_hf.gguf_export import push_gguf_to_hub

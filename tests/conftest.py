@@ -126,9 +126,9 @@ def _point_client_at(mp: pytest.MonkeyPatch, url: str, hf_home: Path) -> None:
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """A fresh local Hub-protocol server with the real client pointed at it."""
+    """A fresh local Hub-protocol server (HUB_TOKEN writes to ``local-user``) with the real client pointed at it."""
     from qalora_hf.testing.hub_server import HubServer
 
-    with HubServer(tmp_path / "hub-storage") as server:
+    with HubServer(tmp_path / "hub-storage", token=HUB_TOKEN, namespaces=["local-user"]) as server:
         _point_client_at(monkeypatch, server.url, tmp_path / "hf_home")
         yield server

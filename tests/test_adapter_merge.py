@@ -83,7 +83,8 @@ def randomize_adapters(pm, seed: int, shift_std: float | None = None, name="defa
 
 
 def integer_shift_adapters(pm, seed: int, name="default"):
-    """Set A = [I_G; 0], B[:, :G] = k * s / c' so that every shift D / s is an integer k in {-1, 0, 1} with z - k in range."""
+    """Set A = [I_G; 0], B[:, :G] = k * s / c' so that every shift D / s is an integer k in {-1, 0, 1} with z - k in range
+    (the merge's range: [1, maxq], or [0, maxq] where z is already 0)."""
     gen = torch.Generator().manual_seed(seed)
     n_nonzero = 0
     for _, m in _adapted(pm, name).items():
@@ -93,7 +94,7 @@ def integer_shift_adapters(pm, seed: int, name="default"):
         r = m.lora_A[name].weight.shape[0]
         assert r >= groups
         k = torch.randint(-1, 2, (groups, n), generator=gen)
-        k = torch.where((t.z - k < 0) | (t.z - k > t.maxq), torch.zeros_like(k), k)
+        k = torch.where((t.z - k < t.z.clamp(max=1)) | (t.z - k > t.maxq), torch.zeros_like(k), k)
         n_nonzero += int((k != 0).sum())
         d = k.double() * t.scales.double()  # [G, N]
         factor = _scaling(m, name) * (base.in_features / G_SIZE) / G_SIZE
@@ -248,9 +249,11 @@ def test_merge_exact_for_integer_shifts(cfg, load_tiny_gptq, sample_input_ids):
 
 
 def _shift_bound(t, delta_gn: torch.Tensor) -> torch.Tensor:
-    """Per-(group, column) bound on |W_round - (W_base + dW)| for the round strategy: s * max(1/2, distance of z - t to [0, maxq])."""
+    """Per-(group, column) bound on |W_round - (W_base + dW)| for the round strategy: s * max(1/2, distance of z - t to
+    [floor, maxq]), floor = min(z, 1) (the merge never makes a new zero-point 0)."""
     zf = t.z.double() - delta_gn / t.scales.double()
-    outside = (zf - zf.clamp(0, t.maxq)).abs()
+    floor = t.z.double().clamp(max=1)
+    outside = (zf - torch.maximum(zf, floor).clamp(max=t.maxq)).abs() + 0.5 * (zf < floor)
     return t.scales.double() * torch.maximum(torch.full_like(zf, 0.5), outside)
 
 
@@ -292,8 +295,8 @@ def test_merge_fractional_shifts_round_vs_gptq(cfg, load_tiny_gptq, calibration_
                 delta_gn = dw[n][:, [int((before[n].g_idx == grp).nonzero()[0]) for grp in range(t.scales.shape[0])]].t()
                 bound = _shift_bound(before[n], delta_gn)[before[n].g_idx].t()  # [N, K]
                 assert bool((err <= bound + 1e-6).all()), n
-                clamped = int(((torch.round(before[n].z.double() - delta_gn / before[n].scales.double()) < 0)
-                               | (torch.round(before[n].z.double() - delta_gn / before[n].scales.double()) > t.maxq)).sum())
+                rounded = torch.round(before[n].z.double() - delta_gn / before[n].scales.double())
+                clamped = int(((rounded < before[n].z.clamp(max=1)) | (rounded > t.maxq)).sum())
                 assert lr.zeros_clamped == clamped
             x = xs[f"base_model.model.{n}.base_layer"]
             out_err[n] = float(((x @ (w_m - target).t()) ** 2).sum())
@@ -608,6 +611,34 @@ def test_our_adapter_loads_in_stock_peft(load_tiny_gptq, sample_input_ids, tmp_p
     assert (logits(stock, sample_input_ids) - ours_logits).abs().max().item() <= 1e-5
 
 
+def test_adapter_files_record_their_pooling_and_stock_act_order_adapters_are_refused(load_tiny_gptq, gptq_checkpoint, sample_input_ids,
+                                                                                     tmp_path, capsys):
+    # ours on an act-order base: marked, and reloads to the same logits
+    ours = get_qalora_model(load_tiny_gptq(4, True, False), QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+    randomize_adapters(ours, seed=41)
+    ours_logits = logits(ours, sample_input_ids)
+    ours.save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["qalora_pooling"] == "g_idx"
+    again = load_qalora_adapter(load_tiny_gptq(4, True, False), str(tmp_path / "ours"))
+    assert (logits(again, sample_input_ids) - ours_logits).abs().max().item() <= 1e-5
+    again.save_pretrained(tmp_path / "ours-again")  # the mark survives a load -> save
+    assert json.loads((tmp_path / "ours-again" / "adapter_config.json").read_text())["qalora_pooling"] == "g_idx"
+
+    # stock PEFT on the same act-order base pools contiguously: loading it with g_idx pooling would change its output
+    stock = get_peft_model(load_tiny_gptq(4, True, False),
+                           LoraConfig(use_qalora=True, qalora_group_size=G_SIZE, r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+    randomize_adapters(stock, seed=42)
+    stock.save_pretrained(tmp_path / "stock")
+    assert "qalora_pooling" not in json.loads((tmp_path / "stock" / "adapter_config.json").read_text())
+    with pytest.raises(ValueError, match="stock PEFT use_qalora adapter .* act-order"):
+        load_qalora_adapter(load_tiny_gptq(4, True, False), str(tmp_path / "stock"))
+    from qalora_hf.cli import main as cli_main
+
+    code = cli_main(["merge", "--base", str(gptq_checkpoint(4, True, False)), "--adapter", str(tmp_path / "stock"),
+                     "--output-dir", str(tmp_path / "out"), "--strategy", "round"])
+    assert code == 2 and "stock PEFT use_qalora adapter" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # 5. errors with actionable messages
 
@@ -661,3 +692,45 @@ def test_merge_argument_errors(load_tiny_gptq):
     with pytest.raises(TypeError, match="PeftModel"):
         merge_qalora(pm.get_base_model(), strategy="round", progress=False)
     assert isinstance(pm, PeftModel) and qalora_layers(pm)  # untouched by the failures
+
+
+def test_merge_never_creates_a_zero_point_0_and_reports_the_ones_there_are(load_tiny_gptq, tmp_path, caplog):
+    from qalora_hf.card import build_model_card
+    from qalora_hf.gptq_format import count_zero_points_at_0, write_layer
+
+    pm = get_qalora_model(fp32_scales(load_tiny_gptq(4, False, False)), QALoraConfig(r=R, lora_alpha=ALPHA))
+    base_zeros = count_zero_points_at_0(pm)
+    pushed = 0
+    for m in _adapted(pm).values():  # shift every group by exactly its zero-point: z - t = 0
+        base = m.get_base_layer()
+        t = read_layer(base)
+        groups, n = t.scales.shape
+        r = m.lora_A["default"].weight.shape[0]
+        factor = _scaling(m, "default") * (base.in_features / G_SIZE) / G_SIZE
+        a = torch.zeros(r, groups, dtype=torch.float64)
+        a[:groups, :groups] = torch.eye(groups)
+        b = torch.zeros(n, r, dtype=torch.float64)
+        b[:, :groups] = (t.z.double() * t.scales.double()).t() / factor
+        with torch.no_grad():
+            m.lora_A["default"].weight.copy_(a)
+            m.lora_B["default"].weight.copy_(b)
+        pushed += int((t.z >= 1).sum())
+    assert pushed > 0
+    merged, report = merge_qalora(pm, strategy="round", progress=False)
+    assert report.totals["zeros_clamped"] == pushed  # every would-be 0 was held at 1
+    assert report.totals["zero_points_at_0"] == count_zero_points_at_0(merged) == base_zeros
+    for layer in gptq_layers(merged).values():
+        assert int(read_layer(layer).z.min()) >= 1 or base_zeros
+
+    # a 0 that is there (e.g. from the base) is reported: in the export's log and in the card
+    name, layer = next(iter(gptq_layers(merged).items()))
+    z = read_layer(layer).z
+    z[0, :3] = 0
+    write_layer(layer, z=z)
+    with caplog.at_level("WARNING", logger="qalora_hf.export"):
+        export_gptq(merged, tmp_path / "export")
+    assert f"{base_zeros + 3} zero-points are 0" in caplog.text and "vLLM" in caplog.text
+    card = build_model_card(repo_id="u/m", base_model="u/b", qalora_config={}, training_args={},
+                            merge_metrics={"zero_points_at_0": count_zero_points_at_0(merged)}, framework_versions={},
+                            bits=4, group_size=32, desc_act=False)
+    assert "zero-points equal to 0" in str(card) and "vLLM" in str(card)

@@ -403,3 +403,72 @@ def test_push_rejects_a_card_with_broken_yaml(hub, tmp_path):
     with pytest.raises(HubPushError, match="Invalid metadata") as info:
         push_gptq_to_hub(folder, REPO, backoff_s=0.01)
     assert info.value.attempts == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# No token, pickle or local path in anything exported or pushed
+
+
+def _realistic_token() -> str:
+    import secrets
+    import string
+
+    return "hf_" + "".join(secrets.choice(string.ascii_letters) for _ in range(34))
+
+
+def _checkpoint_with_pickles(adapter_dir: Path, dest: Path, secret: str) -> Path:
+    """What `Trainer` writes as checkpoint-N: the adapter next to pickles that hold `hub_token`."""
+    from transformers import TrainingArguments
+
+    shutil.copytree(adapter_dir, dest)
+    torch.save(TrainingArguments(output_dir=str(dest.parent), hub_token=secret, report_to=[]), dest / "training_args.bin")
+    torch.save({"state": {}, "note": secret}, dest / "optimizer.pt")
+    torch.save({"python": 0}, dest / "rng_state.pth")
+    assert secret.encode() in (dest / "training_args.bin").read_bytes()  # the trap is real
+    return dest
+
+
+def test_cli_merge_and_push_from_a_checkpoint_never_publishes_the_token(pipeline, hub, tmp_path):
+    secret = _realistic_token()
+    ckpt = _checkpoint_with_pickles(pipeline["adapter_dir"], tmp_path / "run" / "checkpoint-15", secret)
+    local_base = json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(local_base).is_absolute()  # PEFT recorded the local GPTQ directory
+    out = tmp_path / "export"
+    code = cli_main([str(a) for a in ("merge", "--base", pipeline["gptq_dir"], "--adapter", ckpt, "--output-dir", out,
+                                      "--strategy", "round", "--push-to-hub", "local-user/leak-check",
+                                      "--base-model-id", BASE_REPO)])
+    assert code == 0
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == BASE_REPO
+    stored = [p for p in Path(hub.storage_dir).rglob("*") if p.is_file()]
+    assert stored
+    for needle in (secret, TOKEN, local_base, str(tmp_path)):
+        hits = [p.name for p in stored if needle.encode() in p.read_bytes()]
+        assert hits == [], (needle[:6], hits)
+    pickles = [p.name for p in stored if p.read_bytes()[:1] == b"\x80"]
+    assert pickles == []
+
+
+def test_export_refuses_a_leaking_file_and_keeps_the_previous_export(pipeline, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(pipeline["export_dir"], out)
+    before = _tree(out)
+    notes = tmp_path / "notes.txt"
+    notes.write_text(f"pushed with {_realistic_token()}\n")
+    with pytest.raises(ValueError, match="refusing to publish: notes.txt: a Hugging Face token"):
+        export_gptq(pipeline["merged"], out, tokenizer=pipeline["tok"], extra_files={"notes.txt": notes}, overwrite=True)
+    with pytest.raises(ValueError, match="must be a relative path inside the export"):
+        export_gptq(pipeline["merged"], out, extra_files={"../escape.txt": notes}, overwrite=True)
+    assert _tree(out) == before and not (tmp_path / "escape.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+
+
+def test_push_refuses_a_folder_with_a_pickle_before_any_request(hub, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    torch.save({"x": 1}, folder / "training_args.bin")
+    with pytest.raises(ValueError, match="training_args.bin: a pickle"):
+        push_gptq_to_hub(folder, "local-user/pickled", backoff_s=0.01)
+    assert hub.requests == []
+    assert not HfApi().repo_exists("local-user/pickled")
