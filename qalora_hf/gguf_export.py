@@ -917,7 +917,8 @@ def push_gguf_to_hub(
         appear in messages.
 
     Raises:
-        ValueError: bad ``repo_id`` or a missing file, before any request.
+        ValueError: bad ``repo_id``, a missing file, or a file that would publish a token or a local path
+            (:func:`qalora_hf.safety.assert_folder_publishable`), before any request.
         qalora_hf.hub.HubPushError: the upload failed for good.
     """
     from huggingface_hub import HfApi, constants
@@ -952,6 +953,9 @@ def push_gguf_to_hub(
             shutil.copyfile(path, stage / path.name)
         card.save(stage / "README.md")
         (stage / "Modelfile").write_text(ollama_modelfile(path.name, prompt_template))
+        from .safety import assert_folder_publishable
+
+        assert_folder_publishable(stage, [token])  # no token, local path or pickle (the GGUF's metadata header included)
         logger.info("pushing %s to %s/%s", path.name, redact_tokens(endpoint, secrets), repo_id)
         _with_retries("create_repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True), **retry)
         info = _with_retries("upload_folder", lambda: api.upload_folder(folder_path=str(stage), repo_id=repo_id,

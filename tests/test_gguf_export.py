@@ -274,18 +274,18 @@ def test_push_gguf_repo_with_card_and_modelfile(exported, hub, tmp_path):
 
     src, out = exported
     fid = {"loss_gguf": 1.5931, "loss_gptq": 1.5925, "gain_kept_gguf": 0.97, "gain_kept_gptq": 0.974, "rows": 99}
-    commit = push_gguf_to_hub(out, "demo-user/tiny-qalora-GGUF", gptq_dir=src, gptq_repo_id="demo-user/tiny-qalora",
+    commit = push_gguf_to_hub(out, "local-user/tiny-qalora-GGUF", gptq_dir=src, gptq_repo_id="local-user/tiny-qalora",
                               fidelity=fid, prompt_template=ALPACA_OLLAMA_TEMPLATE)
     assert len(commit) == 40
-    files = set(HfApi().list_repo_files("demo-user/tiny-qalora-GGUF"))
+    files = set(HfApi().list_repo_files("local-user/tiny-qalora-GGUF"))
     assert files >= {out.name, "README.md", "Modelfile"}
-    got = hf_hub_download("demo-user/tiny-qalora-GGUF", out.name, cache_dir=tmp_path / "dl")
+    got = hf_hub_download("local-user/tiny-qalora-GGUF", out.name, cache_dir=tmp_path / "dl")
     assert Path(got).read_bytes() == out.read_bytes()
     assert check_gguf(got, src)["tensors"] == 14
-    modelfile = Path(hf_hub_download("demo-user/tiny-qalora-GGUF", "Modelfile", cache_dir=tmp_path / "dl")).read_text()
+    modelfile = Path(hf_hub_download("local-user/tiny-qalora-GGUF", "Modelfile", cache_dir=tmp_path / "dl")).read_text()
     assert modelfile.startswith(f"FROM ./{out.name}\n") and "### Response:" in modelfile
-    card = ModelCard.load(hf_hub_download("demo-user/tiny-qalora-GGUF", "README.md", cache_dir=tmp_path / "dl"))
-    assert card.data.base_model == ["demo-user/tiny-qalora"] and card.data.base_model_relation == "quantized"
+    card = ModelCard.load(hf_hub_download("local-user/tiny-qalora-GGUF", "README.md", cache_dir=tmp_path / "dl"))
+    assert card.data.base_model == ["local-user/tiny-qalora"] and card.data.base_model_relation == "quantized"
     assert card.data.library_name == "gguf" and "q4_1" in card.data.tags
     for text in (f"llama-cli -m {out.name}", f"llama-completion -m {out.name}", "ollama create", "| fine-tuning gain kept, GGUF in llama.cpp | 97.0% |",
                  "+0.0006"):
