@@ -21,9 +21,10 @@ merge_qalora(strategy='round') and written with export_gptq.  Variants, each in 
                                        by llama.cpp through llama-cpp-python (n_threads = --threads); only
                                        when llama-cpp-python is installed (make install-llama), else n/a
 
-decode tokens/s = (new tokens - 1) / (generate time - prefill time); file size = the checkpoint's weight
-files (safetensors / .gguf).  For the GGUF variant "prefill" is llama.cpp's eval() of the prompt and
-"generate" its greedy generate() of exactly --new-tokens tokens after a fresh prompt eval.
+decode tokens/s = (new tokens - 1) / (generate time - prefill time) (for llama.cpp: timed from its first
+new token to its last); file size = the checkpoint's weight files (safetensors / .gguf).  For the GGUF
+variant "prefill" is llama.cpp's eval() of the prompt and "generate" its greedy generate() of exactly
+--new-tokens tokens, prompt evaluated again (KV cache reset, no prefix reuse).
 
 Each worker loads and runs one warm-up generation (first-call compile cost is reported separately);
 then --repeats interleaved rounds each time a prefill (one forward over the prompt) and a full
@@ -127,11 +128,15 @@ class LlamaCppVariant:
         self.info["first_tokens"] = first[:8]
 
     def _generate(self) -> list[int]:
-        out = []
+        self.llm.reset()  # n_tokens = 0: generate() evaluates the whole prompt (no KV-cache prefix reuse), as HF generate() does
+        out, first = [], None
         for token in self.llm.generate(self.ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
             out.append(int(token))  # EOS does not stop it: exactly new_tokens tokens, like min_new_tokens
+            if first is None:
+                first = time.perf_counter()  # the prompt is evaluated and the first token sampled
             if len(out) == self.new:
                 break
+        self.decode_s = time.perf_counter() - first  # the other new_tokens - 1 tokens, one forward each
         return out
 
     def step(self) -> dict:
@@ -142,7 +147,7 @@ class LlamaCppVariant:
         t = time.perf_counter()
         n = len(self._generate())
         gen = time.perf_counter() - t
-        return {"prefill_s": prefill, "generate_s": gen, "new_tokens": n, "tokens_per_s": n / gen}
+        return {"prefill_s": prefill, "generate_s": gen, "new_tokens": n, "tokens_per_s": n / gen, "decode_s": self.decode_s}
 
 
 def build_model(spec: dict):
@@ -290,8 +295,8 @@ def main(argv=None) -> int:
         info, steps = r["info"], r["steps"]
         s = {**info, "tokens_per_s_median": median_of(steps, "tokens_per_s"), "prefill_s_median": median_of(steps, "prefill_s"),
              "generate_s_median": median_of(steps, "generate_s"), "steps": steps, "peak_rss_mb": r.get("final", {}).get("peak_rss_mb")}
-        s["decode_tokens_per_s_median"] = median_of(
-            [{"d": (x["new_tokens"] - 1) / max(x["generate_s"] - x["prefill_s"], 1e-9)} for x in steps], "d")
+        s["decode_tokens_per_s_median"] = median_of(  # llama.cpp: timed from the first to the last new token
+            [{"d": (x["new_tokens"] - 1) / max(x.get("decode_s") or x["generate_s"] - x["prefill_s"], 1e-9)} for x in steps], "d")
         s["file_size_mb"] = sizes.get(name)
         summary[name] = s
         rows.append([name, info["kernel"], info["first_generate_s"], 1000 * s["prefill_s_median"], s["generate_s_median"], s["tokens_per_s_median"],
