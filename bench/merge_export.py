@@ -1,5 +1,5 @@
 """Wall time of merging a QA-LoRA adapter into the GPTQ integers and exporting, against plain checkpoint I/O
-(benchmarks §3).
+(docs/benchmarks.md, #3).
 
     python bench/merge_export.py [--quick] [--threads N] [--repeats 3] [--calibration-rows 32] [--tiny]
 

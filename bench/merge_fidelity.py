@@ -1,4 +1,4 @@
-"""Merge fidelity of every merge strategy on one trained QA-LoRA adapter (issue: benchmarks §4, merge issue).
+"""Merge fidelity of every merge strategy on one trained QA-LoRA adapter (docs/benchmarks.md, #4).
 
     python bench/merge_fidelity.py --base <GPTQ base dir> --adapter <adapter dir> [--requant]
 

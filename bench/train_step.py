@@ -1,4 +1,4 @@
-"""Training-step time and peak memory of QA-LoRA on a GPTQ base vs the alternatives (benchmarks §1).
+"""Training-step time and peak memory of QA-LoRA on a GPTQ base vs the alternatives (docs/benchmarks.md, #1).
 
     python bench/train_step.py [--quick] [--threads N] [--batch 4 --seq-len 256 --repeats 5] [--tiny]
     python bench/train_step.py --profile [--quick]      # torch.profiler on one step of ours, top 15 ops

@@ -1,6 +1,6 @@
 """Small, offline evaluations used by the demo and the benchmarks: held-out loss and MMLU 0-shot.
 
-``evaluate.load(...)`` fetches metric scripts from the Hub at run time (DESIGN.md §3), so these are
+``evaluate.load(...)`` fetches metric scripts from the Hub at run time (docs/conventions.md), so these are
 plain functions over tensors.
 """
 

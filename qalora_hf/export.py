@@ -2,8 +2,8 @@
 
 Why not plain ``save_pretrained``: with gptqmodel's torch kernels the in-memory zero-points are v2
 (the real ``z``), but ``save_pretrained`` writes them unchanged under whatever ``checkpoint_format``
-the config carries, so a v1-labelled checkpoint reloads with every zero-point off by one (DESIGN.md
-§3).  :func:`export_gptq` converts ``qzeros`` to v1 with gptqmodel's own converter and writes
+the config carries, so a v1-labelled checkpoint reloads with every zero-point off by one
+(docs/gptq_format.md).  :func:`export_gptq` converts ``qzeros`` to v1 with gptqmodel's own converter and writes
 ``checkpoint_format: "gptq"`` (v1), which transformers/optimum/gptqmodel, vLLM and most other GPTQ
 engines read.
 """

@@ -1,6 +1,6 @@
 """Merging QA-LoRA adapters into the integers of a GPTQ checkpoint.
 
-The paper's merge (Xu et al. 2023, Appendix B; DESIGN.md §2) folds the group-constant update
+The paper's merge (Xu et al. 2023, Appendix B; docs/merge.md) folds the group-constant update
 ``D[l, o]`` into the zero-points: ``s * (q - z) + D = s * (q - (z - t))`` with ``t = D / s`` in
 quantisation steps.  GPTQ zero-points are integers, and fine-tuning shifts are mostly a small
 fraction of a step, so rounding ``z - t`` drops most of the update.  Strategies:
@@ -252,7 +252,7 @@ def _refit_scales(
         (A_o^T H A_o + lambda I) s'_o = A_o^T H target_o,    A_o[i, l] = v[i, o] [g_idx[i] == l]
 
     This is the closed-form, calibration-weighted version of the "scale correction that absorbs the part of
-    the constant shift lying along (q - z)" (issue #6; scale-only tuning as in PEQA, Kim et al. 2023), solved
+    the constant shift lying along (q - z)" (docs/merge.md; scale-only tuning as in PEQA, Kim et al. 2023), solved
     jointly over the groups of a row so cross-group correlations in ``H`` are used.  Changes are limited to
     ``max_rel`` of the old scale, and the result is rounded to fp16 as stored.
     """

@@ -18,7 +18,7 @@ from .gptq_format import SUPPORTED_BITS
 logger = logging.getLogger(__name__)
 
 # The torch kernel is gptqmodel's trainable GPTQ kernel on every device; on CPUs with AVX512-BF16 the
-# auto-picked TorchCpuAvx512Linear raises on train() (DESIGN.md §3).
+# auto-picked TorchCpuAvx512Linear raises on train() (docs/gptq_format.md).
 TRAINABLE_BACKEND = "torch"
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")  # before gptqmodel is imported (DESIGN.md §3)
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")  # before gptqmodel is imported (docs/gptq_format.md)
 
 import shutil  # noqa: E402
 import signal  # noqa: E402
