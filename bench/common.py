@@ -135,7 +135,7 @@ def calibration_texts(n: int) -> list[str]:
 
 def quant_kernels(model) -> str:
     """Class names of the GPTQ kernels in ``model`` (e.g. 'TorchLinear')."""
-    from qalora_hf.model import gptq_layers
+    from qalora_hf.gptq import gptq_layers
 
     return ",".join(sorted({type(m).__name__ for m in gptq_layers(model).values()})) or "-"
 

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from qalora_hf import QALoraConfig, get_qalora_model
     from qalora_hf.export import export_gptq
     from qalora_hf.merge import collect_hessians, merge_qalora, qalora_layers
-    from qalora_hf.quantize import load_gptq_model
+    from qalora_hf.gptq import load_gptq_model
 
     threads = set_threads(args.threads)
     strategies = [s for s in args.strategies.split(",") if s]

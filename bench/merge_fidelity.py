@@ -34,7 +34,7 @@ def float_reference(peft_model):
     from qalora_hf.adapter import group_delta
     from qalora_hf.gptq_format import read_layer
     from qalora_hf.merge import qalora_layers
-    from qalora_hf.model import gptq_layers
+    from qalora_hf.gptq import gptq_layers
 
     base = peft_model.get_base_model()
     cfg = copy.deepcopy(base.config)
@@ -82,8 +82,8 @@ def main(argv=None) -> int:
     from qalora_hf.fetch import default_cache_dir
     from qalora_hf.merge import collect_hessians, merge_qalora, qalora_layers
     from qalora_hf.model import load_qalora_adapter
-    from qalora_hf.quantize import load_gptq_model
-    from qalora_hf.recovery import teacher_topk
+    from qalora_hf.gptq import load_gptq_model
+    from qalora_hf.scale_distillation import teacher_topk
 
     data = args.data or str(default_cache_dir() / "data" / "alpaca_en_demo.json")
     rows = json.loads(Path(data).read_text())
@@ -174,7 +174,7 @@ def _shift_distribution(peft_model) -> dict:
 def _requant_baseline(ref, tok, cal_rows, args, evaluate) -> dict:
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    from qalora_hf.quantize import load_gptq_model
+    from qalora_hf.gptq import load_gptq_model
 
     qc = json.loads((Path(args.base) / "config.json").read_text())["quantization_config"]
     t = time.time()

@@ -60,14 +60,13 @@ def _check_base(base: str) -> Optional[dict]:
     return None
 
 
-def _check_gptq_config(config: dict, base: str) -> int:
-    qc = config.get("quantization_config") or {}
-    if str(qc.get("quant_method", "")).lower() != "gptq":
-        raise UsageError(f"--base {base} is not a GPTQ model (quantization_config.quant_method is "
-                         f"{qc.get('quant_method')!r}); QA-LoRA merges into GPTQ zero-points")
-    if "bits" not in qc:
-        raise UsageError(f"--base {base}: quantization_config has no 'bits'")
-    return int(qc["bits"])
+def _check_gptq_config(config: dict, base: str) -> dict:
+    from .gptq import check_gptq_config
+
+    try:
+        return check_gptq_config(config.get("quantization_config"))
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--base {base}: {err}") from None
 
 
 def _check_adapter(adapter: str) -> dict:
@@ -220,9 +219,10 @@ def cmd_merge(args) -> int:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")
     t0 = time.time()
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     from .export import export_gptq
+    from .gptq import load_gptq_model
     from .merge import merge_qalora
     from .model import load_qalora_adapter
 
@@ -234,8 +234,7 @@ def cmd_merge(args) -> int:
     qc = base_config["quantization_config"]
     bits = int(qc["bits"])
     _log(f"loading GPTQ base {args.base} ({bits}-bit, group {qc.get('group_size')}) on the CPU in float32")
-    model = AutoModelForCausalLM.from_pretrained(args.base, quantization_config=GPTQConfig(bits=bits, backend="torch"),
-                                                 dtype=torch.float32)
+    model = load_gptq_model(args.base, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -15,8 +15,9 @@ from transformers import AutoTokenizer, PreTrainedModel
 from trl import SFTConfig, SFTTrainer
 
 from .config import QALoraConfig
-from .model import get_qalora_model, gptq_layers, gptq_settings
-from .quantize import QuantizeConfig, TRAINABLE_BACKEND, is_gptq_checkpoint, load_gptq_model, quantize_model
+from .gptq import TRAINABLE_BACKEND, gptq_layers, gptq_settings, is_gptq_checkpoint, load_gptq_model
+from .model import get_qalora_model
+from .quantize import QuantizeConfig, quantize_model
 
 logger = logging.getLogger(__name__)
 

@@ -390,8 +390,8 @@ def test_quantize_true_sequential_flag(tiny_float_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from qalora_hf.gptq_format import read_layer
-    from qalora_hf.model import gptq_layers
-    from qalora_hf.quantize import load_gptq_model, quantize_model
+    from qalora_hf.gptq import gptq_layers, load_gptq_model
+    from qalora_hf.quantize import quantize_model
 
     texts = list(TINY_TEXTS[:16])
     dirs = {ts: quantize_model(str(tiny_float_dir), QuantizeConfig(num_calibration_rows=16, cache_dir=str(tmp_path), true_sequential=ts), texts)
