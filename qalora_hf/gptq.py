@@ -8,7 +8,8 @@
   gptqmodel's trainable kernel (:data:`TRAINABLE_BACKEND`);
 * :func:`mark_asymmetric`: what a merged model's config must say (``sym: false``).
 
-See docs/gptq_format.md for the layout and the traps these functions exist for.
+See docs/gptq_format.md for the layout and the traps these functions exist for.  No torch import at module
+level: the CLI checks a ``config.json`` with :func:`check_gptq_config` before loading anything heavy.
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ import logging
 import os
 from typing import Any
 
-import torch
-
-from .gptq_format import SUPPORTED_BITS
-
 logger = logging.getLogger(__name__)
+
+SUPPORTED_BITS = (2, 3, 4, 8)  # the code widths gptqmodel packs and qalora_hf.gptq_format reads and writes
 
 # gptqmodel's trainable GPTQ kernel on every device (and one that keeps v2 zero-points in memory); on CPUs
 # with AVX512-BF16 the auto-picked TorchCpuAvx512Linear raises on train() (docs/gptq_format.md).
@@ -45,7 +44,7 @@ def check_gptq_config(qc: Any) -> dict:
 
     Raises:
         TypeError: missing, or another quantisation method (bitsandbytes, AWQ, ...).
-        ValueError: no ``bits``, or bits outside :data:`~qalora_hf.gptq_format.SUPPORTED_BITS`.
+        ValueError: no ``bits``, or bits outside :data:`SUPPORTED_BITS`.
     """
     if qc is None:
         raise TypeError(
@@ -87,8 +86,8 @@ def quant_linear_class():
     return BaseQuantLinear
 
 
-def gptq_layers(model) -> dict[str, torch.nn.Module]:
-    """All gptqmodel quantised linear layers of ``model``, by qualified name."""
+def gptq_layers(model) -> dict:
+    """All gptqmodel quantised linear layers of ``model`` (``torch.nn.Module``), by qualified name."""
     cls = quant_linear_class()
     return {name: m for name, m in model.named_modules() if isinstance(m, cls)}
 
@@ -101,18 +100,19 @@ def is_gptq_checkpoint(model_path: str, **kwargs) -> bool:
     return _method(quantization_config_dict(qc)) == "gptq"
 
 
-def load_gptq_model(model_path: str, dtype: torch.dtype = torch.float32, device_map=None, **kwargs):
+def load_gptq_model(model_path: str, dtype=None, device_map=None, **kwargs):
     """Load a GPTQ checkpoint with gptqmodel's trainable torch kernel (``GPTQConfig(backend="torch")``).
 
     Args:
         model_path: local directory or Hub repo id.
-        dtype: compute dtype of the non-quantised parts (default float32).
+        dtype: ``torch.dtype`` of the non-quantised parts (default ``torch.float32``).
         kwargs: passed to ``from_pretrained`` (``revision`` and ``token`` also to ``AutoConfig``).
 
     Raises:
         TypeError: the checkpoint has no GPTQ ``quantization_config``.
     """
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")  # before gptqmodel is imported (docs/gptq_format.md)
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GPTQConfig
 
     config = AutoConfig.from_pretrained(model_path, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
@@ -121,7 +121,8 @@ def load_gptq_model(model_path: str, dtype: torch.dtype = torch.float32, device_
         raise TypeError(f"{model_path} is not a GPTQ checkpoint; pass a quantize_config to quantise a float model first.")
     logger.info("load: %s with gptqmodel kernel backend=%r (trainable; the auto-picked CPU kernel is inference-only)", model_path, TRAINABLE_BACKEND)
     return AutoModelForCausalLM.from_pretrained(
-        model_path, quantization_config=GPTQConfig(bits=int(qc["bits"]), backend=TRAINABLE_BACKEND), dtype=dtype, device_map=device_map, **kwargs
+        model_path, quantization_config=GPTQConfig(bits=int(qc["bits"]), backend=TRAINABLE_BACKEND), dtype=dtype or torch.float32,
+        device_map=device_map, **kwargs
     )
 
 

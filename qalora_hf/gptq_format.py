@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+from .gptq import SUPPORTED_BITS  # noqa: F401  (defined with the other GPTQ facts)
 
 
 def _check_bits(bits: int) -> None:

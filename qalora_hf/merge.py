@@ -3,7 +3,7 @@
 The paper's merge (Xu et al. 2023, Appendix B) folds the group-constant update ``D[l, o]`` into the
 zero-points: ``s * (q - z) + D = s * (q - (z - t))`` with ``t = D / s`` in quantisation steps.  GPTQ
 zero-points are integers, and fine-tuning shifts are mostly a small fraction of a step, so rounding
-``z - t`` drops most of the update.  The strategies in :data:`STRATEGIES` keep it with up to four
+``z - t`` drops most of the update.  The strategies (:data:`qalora_hf.strategies.STRATEGIES`) keep it with up to four
 phases after the integer merge: calibration statistics, a scale refit, fixed-grid GPTQ and a scale
 distillation (docs/merge.md has the math and the measurements):
 
@@ -36,65 +36,15 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 
 from .adapter import group_delta
+from .data import MODEL_INPUTS
 from .gptq import mark_asymmetric
 from .gptq_format import GPTQTensors, read_layer, write_layer
-from .scale_distillation import MODEL_INPUTS, distill_scales, teacher_topk
+from .scale_distillation import distill_scales, teacher_topk
+from .strategies import STRATEGIES, MergeStrategy, get_strategy  # noqa: F401  (the strategies, as data)
 
 logger = logging.getLogger(__name__)
 
 DISTILL_LR_PER_SHIFT = 2.0  # distill_lr="auto": peak lr = this * median |t| (see merge_qalora)
-
-
-@dataclass(frozen=True)
-class MergeStrategy:
-    """Which phases a merge strategy runs after the integer zero-point merge (docs/merge.md, "Strategies").
-
-    Attributes:
-        name: the strategy's name (``merge_qalora(strategy=name)``).
-        refit_scales: ``H``-weighted least-squares refit of the fp16 group scales (:func:`_refit_scales`).
-        rechoose_codes: codes re-chosen on the fixed grid by GPTQ's error feedback (:func:`_fixed_grid_gptq`).
-        distill: scale-only distillation of the whole merged model (:func:`~qalora_hf.scale_distillation.distill_scales`).
-        summary: one line for ``--help`` texts.
-    """
-
-    name: str
-    refit_scales: bool
-    rechoose_codes: bool
-    distill: bool
-    summary: str
-
-    @property
-    def needs_calibration(self) -> bool:
-        """Whether the strategy needs calibration batches (``H``, and the teacher's targets for ``distill``)."""
-        return self.refit_scales or self.rechoose_codes or self.distill
-
-
-STRATEGIES: dict[str, MergeStrategy] = {
-    s.name: s
-    for s in (
-        MergeStrategy("round", refit_scales=False, rechoose_codes=False, distill=False,
-                      summary="zero-points only (the paper's merge rounded to integers; reference)"),
-        MergeStrategy("gptq", refit_scales=False, rechoose_codes=True, distill=False,
-                      summary="zero-points, then codes re-chosen on the fixed grid by GPTQ"),
-        MergeStrategy("scales", refit_scales=True, rechoose_codes=True, distill=False,
-                      summary="as gptq, after a calibration-weighted refit of the fp16 scales"),
-        MergeStrategy("distill", refit_scales=True, rechoose_codes=True, distill=True,
-                      summary="scales, then scale-only distillation towards the trained model (default)"),
-    )
-}
-
-
-def get_strategy(strategy: Union[str, MergeStrategy]) -> MergeStrategy:
-    """The :class:`MergeStrategy` named ``strategy`` (or ``strategy`` itself).
-
-    Raises:
-        ValueError: an unknown name.
-    """
-    if isinstance(strategy, MergeStrategy):
-        return strategy
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown merge strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}.")
-    return STRATEGIES[strategy]
 
 
 @dataclass

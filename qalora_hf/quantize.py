@@ -17,7 +17,7 @@ import torch
 
 from .cache import default_cache_dir
 from .gptq import TRAINABLE_BACKEND, is_gptq_checkpoint, load_gptq_model  # noqa: F401  (also imported from here)
-from .gptq_format import SUPPORTED_BITS
+from .gptq import SUPPORTED_BITS
 
 logger = logging.getLogger(__name__)
 

@@ -29,12 +29,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .data import MODEL_INPUTS
 from .gptq_format import read_layer, write_layer
 
 logger = logging.getLogger(__name__)
-
-# The keys of a calibration batch that are model inputs (others, such as ``labels``, are not passed to the model).
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 @dataclass
