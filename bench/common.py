@@ -50,8 +50,9 @@ def setup_env() -> None:
 
 
 def cache_root() -> Path:
-    env = os.environ.get("QALORA_HF_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "qalora-hf"
+    from qalora_hf.cache import default_cache_dir
+
+    return default_cache_dir()
 
 
 def default_float_dir() -> Path:
@@ -106,8 +107,9 @@ def prompt_ids(tokenizer, n_tokens: int, batch: int, seed: int):
 
     data = cache_root() / "data" / "alpaca_en_demo.json"
     if data.is_file():
-        rows = json.loads(data.read_text())
-        texts = [f"{r['instruction']}\n{r.get('input', '')}\n{r['output']}" for r in rows]
+        from qalora_hf.data import read_rows, row_to_text
+
+        texts = [row_to_text(r) for r in read_rows(data)]
     else:
         from qalora_hf.testing.tiny import TINY_TEXTS
 
@@ -125,9 +127,9 @@ def prompt_ids(tokenizer, n_tokens: int, batch: int, seed: int):
 def calibration_texts(n: int) -> list[str]:
     data = cache_root() / "data" / "alpaca_en_demo.json"
     if data.is_file():
-        from qalora_hf.evaluate import alpaca_prompt_completion
+        from qalora_hf.data import read_rows, row_to_text
 
-        return [p + c for p, c in (alpaca_prompt_completion(r) for r in json.loads(data.read_text())[:n])]
+        return [row_to_text(r) for r in read_rows(data)[:n]]
     from qalora_hf.testing.tiny import TINY_TEXTS
 
     return (TINY_TEXTS * (n // len(TINY_TEXTS) + 1))[:n]
@@ -135,7 +137,7 @@ def calibration_texts(n: int) -> list[str]:
 
 def quant_kernels(model) -> str:
     """Class names of the GPTQ kernels in ``model`` (e.g. 'TorchLinear')."""
-    from qalora_hf.model import gptq_layers
+    from qalora_hf.gptq import gptq_layers
 
     return ",".join(sorted({type(m).__name__ for m in gptq_layers(model).values()})) or "-"
 

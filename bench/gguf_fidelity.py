@@ -38,9 +38,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from qalora_hf.evaluate import completion_loss
-    from qalora_hf.fetch import default_cache_dir
-    from qalora_hf.gguf_export import alpaca_heldout_pairs, export_gguf, gguf_heldout_fidelity, llama_cpp_available
+    from qalora_hf.cache import default_cache_dir
+    from qalora_hf.data import read_rows, token_batches
+    from qalora_hf.gguf_export import export_gguf, gguf_heldout_fidelity, llama_cpp_available
+    from qalora_hf.metrics import measure
 
     if not llama_cpp_available():
         from qalora_hf.gguf_export import LLAMA_INSTALL_HINT
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = Path(args.dataset) if Path(args.dataset).exists() else default_cache_dir() / "data" / args.dataset
-    pairs = alpaca_heldout_pairs(dataset, args.num_holdout)
+    rows = read_rows(dataset)[-args.num_holdout:]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     gguf_path = Path(args.gguf) if args.gguf else out.with_name(f"{Path(args.gptq_dir).resolve().name}-Q4_1.gguf")
@@ -62,15 +63,15 @@ def main(argv=None) -> int:
     if args.base and args.adapter:
         from transformers import AutoTokenizer
 
+        from qalora_hf.gptq import load_gptq_model
         from qalora_hf.model import load_qalora_adapter
-        from qalora_hf.quantize import load_gptq_model
 
         tok = AutoTokenizer.from_pretrained(args.gptq_dir)
-        loss_base = completion_loss(load_gptq_model(args.base).eval(), tok, pairs, max_length=args.max_length)
-        loss_trained = completion_loss(load_qalora_adapter(load_gptq_model(args.base), args.adapter).eval(), tok, pairs,
-                                       max_length=args.max_length)
+        batches = token_batches(rows, tok, args.max_length)
+        loss_base = measure(load_gptq_model(args.base), batches).loss
+        loss_trained = measure(load_qalora_adapter(load_gptq_model(args.base), args.adapter), batches).loss
     t = time.time()
-    r = gguf_heldout_fidelity(gguf_path, args.gptq_dir, pairs, loss_base=loss_base, loss_trained=loss_trained,
+    r = gguf_heldout_fidelity(gguf_path, args.gptq_dir, rows, loss_base=loss_base, loss_trained=loss_trained,
                               max_length=args.max_length, n_threads=args.threads)
     pct = lambda v: "" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     lines = [f"| model | engine | held-out loss ({r['rows']} rows, {r['tokens']} tokens) | fine-tuning gain kept |", "|---|---|---|---|"]

@@ -1,4 +1,4 @@
-"""Generation speed of a merged QA-LoRA GPTQ export vs the unmerged adapter and a float+LoRA model (benchmarks §2).
+"""Generation speed of a merged QA-LoRA GPTQ export vs the unmerged adapter and a float+LoRA model (docs/benchmarks.md, #2).
 
     python bench/inference.py [--quick] [--threads N] [--new-tokens 64 --prompt-tokens 64 --repeats 5] [--tiny]
 

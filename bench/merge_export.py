@@ -1,5 +1,5 @@
 """Wall time of merging a QA-LoRA adapter into the GPTQ integers and exporting, against plain checkpoint I/O
-(benchmarks §3).
+(docs/benchmarks.md, #3).
 
     python bench/merge_export.py [--quick] [--threads N] [--repeats 3] [--calibration-rows 32] [--tiny]
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from qalora_hf import QALoraConfig, get_qalora_model
     from qalora_hf.export import export_gptq
     from qalora_hf.merge import collect_hessians, merge_qalora, qalora_layers
-    from qalora_hf.quantize import load_gptq_model
+    from qalora_hf.gptq import load_gptq_model
 
     threads = set_threads(args.threads)
     strategies = [s for s in args.strategies.split(",") if s]

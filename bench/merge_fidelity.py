@@ -1,4 +1,4 @@
-"""Merge fidelity of every merge strategy on one trained QA-LoRA adapter (issue: benchmarks §4, merge issue).
+"""Merge fidelity of every merge strategy on one trained QA-LoRA adapter (docs/benchmarks.md, #4).
 
     python bench/merge_fidelity.py --base <GPTQ base dir> --adapter <adapter dir> [--requant]
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the demo's MMLU scorer (demo/evaluation.py)
 
 
 def float_reference(peft_model):
@@ -34,7 +35,7 @@ def float_reference(peft_model):
     from qalora_hf.adapter import group_delta
     from qalora_hf.gptq_format import read_layer
     from qalora_hf.merge import qalora_layers
-    from qalora_hf.model import gptq_layers
+    from qalora_hf.gptq import gptq_layers
 
     base = peft_model.get_base_model()
     cfg = copy.deepcopy(base.config)
@@ -77,32 +78,31 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from qalora_hf.evaluate import alpaca_prompt_completion, completion_loss, gain_kept, load_mmlu_subset, mmlu_accuracy
+    from demo.evaluation import load_mmlu_subset, mmlu_accuracy
+    from qalora_hf.cache import default_cache_dir
+    from qalora_hf.data import read_rows, token_batches
     from qalora_hf.export import export_gptq
-    from qalora_hf.fetch import default_cache_dir
+    from qalora_hf.metrics import gain_kept, measure
     from qalora_hf.merge import collect_hessians, merge_qalora, qalora_layers
     from qalora_hf.model import load_qalora_adapter
-    from qalora_hf.quantize import load_gptq_model
-    from qalora_hf.recovery import teacher_topk
+    from qalora_hf.gptq import load_gptq_model
+    from qalora_hf.scale_distillation import teacher_topk
 
     data = args.data or str(default_cache_dir() / "data" / "alpaca_en_demo.json")
-    rows = json.loads(Path(data).read_text())
-    holdout = [alpaca_prompt_completion(r) for r in rows[-args.holdout :]]
-    cal_rows = [alpaca_prompt_completion(r) for r in rows[: args.calibration]]
+    rows = read_rows(data)
     tok = AutoTokenizer.from_pretrained(args.base)
+    holdout = token_batches(rows[-args.holdout :], tok, args.max_length)
+    cal_rows = rows[: args.calibration]
     mmlu = load_mmlu_subset(default_cache_dir() / "data" / "mmlu.jsonl", per_topic=args.mmlu_per_topic) if args.mmlu_per_topic else []
 
     def evaluate(model):
-        out = {"heldout_loss": completion_loss(model, tok, holdout, max_length=args.max_length)}
+        out = {"heldout_loss": measure(model, holdout).loss}
         if mmlu:
             out["mmlu_acc"] = mmlu_accuracy(model, tok, mmlu)
         return out
 
     def calibration_batches():
-        for i in range(0, len(cal_rows), 8):
-            texts = [p + c for p, c in cal_rows[i : i + 8]]
-            enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=args.max_length)
-            yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return token_batches(cal_rows, tok, args.max_length)
 
     peft_model = load_qalora_adapter(load_gptq_model(args.base), args.adapter).eval()
     results = {}
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     lt = results["trained (adapter, unmerged)"]["heldout_loss"]
     for r in results.values():
         r["gain_kept"] = gain_kept(lb, lt, r["heldout_loss"])
-    _print_table(results, shift_stats, args, len(holdout), len(mmlu))
+    _print_table(results, shift_stats, args, args.holdout, len(mmlu))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"date": datetime.date.today().isoformat(), "label": args.label, "args": vars(args), "shift": shift_stats, "results": results}, indent=2))
     print(f"wrote {args.out}")
@@ -174,7 +174,8 @@ def _shift_distribution(peft_model) -> dict:
 def _requant_baseline(ref, tok, cal_rows, args, evaluate) -> dict:
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    from qalora_hf.quantize import load_gptq_model
+    from qalora_hf.data import row_to_text
+    from qalora_hf.gptq import TRAINABLE_BACKEND
 
     qc = json.loads((Path(args.base) / "config.json").read_text())["quantization_config"]
     t = time.time()
@@ -182,7 +183,7 @@ def _requant_baseline(ref, tok, cal_rows, args, evaluate) -> dict:
         ref.save_pretrained(Path(tmp) / "float")
         tok.save_pretrained(Path(tmp) / "float")
         gptq = GPTQConfig(bits=qc["bits"], group_size=qc["group_size"], desc_act=qc.get("desc_act", False), sym=qc.get("sym", False),
-                          dataset=[p + c for p, c in cal_rows], tokenizer=tok, backend="torch")
+                          dataset=[row_to_text(r) for r in cal_rows], tokenizer=tok, backend=TRAINABLE_BACKEND)
         model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "float", quantization_config=gptq, dtype=torch.float32).eval()
         r = evaluate(model)
     r["merge_seconds"] = time.time() - t

@@ -1,4 +1,4 @@
-"""Training-step time and peak memory of QA-LoRA on a GPTQ base vs the alternatives (benchmarks §1).
+"""Training-step time and peak memory of QA-LoRA on a GPTQ base vs the alternatives (docs/benchmarks.md, #1).
 
     python bench/train_step.py [--quick] [--threads N] [--batch 4 --seq-len 256 --repeats 5] [--tiny]
     python bench/train_step.py --profile [--quick]      # torch.profiler on one step of ours, top 15 ops
@@ -61,7 +61,7 @@ DYNAMO_OFF = {"TORCHDYNAMO_DISABLE": "1"}
 
 def target_names(model) -> list[str]:
     """The short names of the GPTQ linear layers (what 'all-linear' adapts), for the PEFT baselines."""
-    from qalora_hf.model import gptq_layers
+    from qalora_hf.gptq import gptq_layers
 
     return sorted({n.split(".")[-1] for n in gptq_layers(model) if not n.endswith("lm_head")})
 
@@ -73,7 +73,7 @@ def build_model(spec: dict):
     from transformers import AutoModelForCausalLM
 
     from qalora_hf import QALoraConfig, get_qalora_model
-    from qalora_hf.quantize import load_gptq_model
+    from qalora_hf.gptq import load_gptq_model
 
     kind = spec["kind"]
     torch.manual_seed(spec["seed"])

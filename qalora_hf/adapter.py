@@ -1,6 +1,6 @@
 """The QA-LoRA adapter on a GPTQ layer: group pooling by ``g_idx``, forward and dense delta.
 
-Math (Xu et al. 2023, arXiv 2309.14717, §3.3 and Algorithm 1; DESIGN.md §2).  For a GPTQ layer with
+Math (Xu et al. 2023, arXiv 2309.14717, §3.3 and Algorithm 1; docs/merge.md).  For a GPTQ layer with
 ``in_features`` K, ``out_features`` N, ``group_size`` g and G = K / g groups, the adapter holds
 ``lora_A`` [r, G] and ``lora_B`` [N, r] and computes::
 

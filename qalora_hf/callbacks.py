@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
 
 class QALoraMergeCallback(TrainerCallback):
-    """At ``on_train_end``, the main process calls ``trainer.merge_and_export()``; the others wait.
+    """At ``on_train_end``, the main process calls ``trainer.merge_and_export()``
+    (:func:`qalora_hf.pipeline.merge_measure_export`); the others wait.
 
     ``on_train_end`` runs on every rank.  Only world process zero merges, measures, exports and
     pushes (no collective operation runs inside that block: the merge and the fidelity check use the
@@ -24,10 +23,7 @@ class QALoraMergeCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            # gptqmodel's torch kernel compiles its dequantisation per layer instance; the eval-mode passes
-            # of the merge would recompile all of them (and hit dynamo's recompile limit): run them eagerly.
-            with torch.compiler.set_stance("force_eager"):
-                out = self.trainer.merge_and_export()
+            out = self.trainer.merge_and_export()
             logger.info("QA-LoRA merged model exported to %s", out)
         self.trainer.accelerator.wait_for_everyone()
         return control

@@ -1,27 +1,42 @@
 """The model card (``README.md``) of an exported QA-LoRA GPTQ model, and its training-loss plot.
 
-:func:`build_model_card` fills ``model_cards/qalora_gptq.md`` through
-``huggingface_hub.ModelCard.from_template``; the card's metadata says ``base_model_relation: finetune``
-(see :func:`build_model_card`).  Every card is checked by :func:`assert_no_secrets`: no Hub token, no
-local absolute path and no machine user name may reach a public repo.
+:func:`build_model_card` fills the package's template ``qalora_hf/templates/qalora_gptq.md`` (package data,
+read with ``importlib.resources``) through ``huggingface_hub.ModelCard.from_template``; the card's metadata says
+``base_model_relation: finetune`` (see :func:`build_model_card`).  The merge-fidelity rows use the metric names
+and labels of :data:`qalora_hf.metrics.METRIC_LABELS`.  Every card is checked by :func:`assert_no_secrets`: no
+Hub token, no local absolute path and no machine user name may reach a public repo.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.resources
+import json
 import math
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .evaluate import gain_kept  # fraction of the fine-tuning gain an export keeps (also used by the CLI)
+from .metrics import METRIC_LABELS, format_metric, gain_kept
 from .safety import assert_no_secrets, find_secrets  # noqa: F401  (re-exported: the card's checks)
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "qalora_gptq.md"
+TEMPLATE = "qalora_gptq.md"  # in qalora_hf/templates/ (package data)
+
+
+def read_template(name: str = TEMPLATE) -> str:
+    """The text of a card template shipped in ``qalora_hf/templates/`` (``importlib.resources``, so it works from
+    a wheel or a zip as well as from a source tree)."""
+    return importlib.resources.files("qalora_hf").joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def _template_text(template_path: Optional[str | os.PathLike], name: str) -> str:
+    """A template of one's own (``template_path``) or the package's ``templates/<name>``."""
+    return Path(template_path).read_text(encoding="utf-8") if template_path is not None else read_template(name)
+
 
 FRAMEWORKS = ("torch", "transformers", "peft", "trl", "optimum", "gptqmodel", "huggingface_hub")
 
@@ -36,36 +51,6 @@ SFT_KEYS = (
 )
 _QALORA_KEYS = ("r", "lora_alpha", "lora_dropout", "qalora_group_size", "group_size", "target_modules", "use_rslora",
                 "init_lora_weights", "use_qalora")
-
-# merge_metrics key -> label, in display order; other scalar keys are shown under their own name.
-MERGE_LABELS = {
-    "strategy": "merge strategy",
-    "eval_rows": "held-out rows measured",
-    "eval_on_calibration_rows": "measured on calibration rows (not held out)",
-    "max_logit_diff": "max abs. logit difference, trained (adapter, unmerged) vs exported",
-    "mean_logit_diff": "mean abs. logit difference, trained vs exported",
-    "loss_base": "held-out loss, base GPTQ model (no adapter)",
-    "loss_trained": "held-out loss, trained (adapter, unmerged)",
-    "loss_exported": "held-out loss, exported (merged INT model)",
-    "gain_kept": "fraction of the fine-tuning loss gain kept by the export",
-    "codes_changed": "integer codes changed",
-    "zeros_changed": "zero-points changed",
-    "zeros_clamped": "zero-points clamped to the integer range",
-    "zero_points_at_0": "zero-points equal to 0 (read exactly by transformers/gptqmodel; misread by engines that unpack "
-                        "GPTQ v1 per field, e.g. vLLM's ExLlama gptq kernels: use the AWQ or GGUF export there)",
-    "layers": "layers merged",
-    "exact_layers": "layers merged exactly",
-    "shift_abs_median": "median abs. zero-point shift (quantisation steps)",
-    "shift_frac_above_half": "fraction of shifts above half a step",
-    "rel_output_error_mean": "mean relative output error per layer (0 exact, 1 = adapter dropped)",
-    "scales_changed": "fp16 scales changed",
-    "distill_steps": "scale-distillation steps (strategy `distill`)",
-    "distill_kl_first": "top-k KL to the trained model, first distillation step (nats/token, calibration rows)",
-    "distill_kl_last": "top-k KL to the trained model, last distillation step (nats/token, calibration rows)",
-    "distill_scales_changed": "fp16 scales changed by the distillation",
-    "distill_lr": "scale-distillation peak learning rate (default: 2 x the median shift)",
-}
-
 
 # --------------------------------------------------------------------------------------------------
 # Secrets and local paths
@@ -133,14 +118,14 @@ def _merge_rows_and_note(merge_metrics: Optional[dict], bits: int) -> tuple[list
         return [], ""
     flat = _flatten_merge_metrics(merge_metrics)
     rows = []
-    for key, label in MERGE_LABELS.items():
-        if key in flat and flat[key] is not None:
-            value = flat[key]
-            shown = f"{100 * value:.1f}%" if key == "gain_kept" and isinstance(value, (int, float)) else _fmt(value)
-            rows.append((label, shown))
-    rows += [(k, _fmt(v)) for k, v in flat.items() if k not in MERGE_LABELS and _scalar_or_list(v)]
+    for key, label in METRIC_LABELS.items():
+        shown = format_metric(key, flat.get(key))
+        if shown is not None:  # missing, or undefined (gain_kept when training brought no gain)
+            rows.append((label, _fmt(shown)))
+    rows += [(k, _fmt(v)) for k, v in flat.items() if k not in METRIC_LABELS and v is not None and _scalar_or_list(v)]
 
     kept = flat.get("gain_kept")
+    kept = None if isinstance(kept, float) and math.isnan(kept) else kept
     has_losses = all(isinstance(flat.get(k), (int, float)) for k in ("loss_base", "loss_trained"))
     if isinstance(kept, (int, float)):
         pct = f"{100 * kept:.0f}%"
@@ -223,7 +208,7 @@ def _limitations(bits: int, names: str, datasets: list[str], license: Optional[s
 # --------------------------------------------------------------------------------------------------
 # "Serve it": which export each engine runs, with which kernel (docs/awq.md has the checks in their source)
 
-AWQ_TEMPLATE_PATH = TEMPLATE_PATH.with_name("qalora_awq.md")
+AWQ_TEMPLATE = "qalora_awq.md"
 
 
 def _awq_sibling(repo_id: str) -> str:
@@ -323,7 +308,7 @@ def serve_section(*, gptq_repo_id: Optional[str], awq_repo_id: Optional[str], bi
 
 
 def build_awq_model_card(gptq_card: ModelCard, *, repo_id: str, gptq_repo_id: Optional[str], group_size: int,
-                         has_adapter: bool = False, template_path: str | os.PathLike = AWQ_TEMPLATE_PATH) -> ModelCard:
+                         has_adapter: bool = False, template_path: Optional[str | os.PathLike] = None) -> ModelCard:
     """The card of an AWQ export (:func:`qalora_hf.export_awq`), derived from the GPTQ export's card.
 
     Keeps the GPTQ card's metadata (tag ``gptq`` becomes ``awq``) and its sections from ``## Training`` on (training,
@@ -342,7 +327,7 @@ def build_awq_model_card(gptq_card: ModelCard, *, repo_id: str, gptq_repo_id: Op
     gptq_text = f"[{gptq_repo_id}](https://huggingface.co/{gptq_repo_id})" if gptq_repo_id else "its GPTQ export"
     card = ModelCard.from_template(
         data,
-        template_path=str(template_path),
+        template_str=_template_text(template_path, AWQ_TEMPLATE),
         model_title=repo_id.split("/")[-1],
         repo_id=repo_id,
         gptq_text=gptq_text,
@@ -376,8 +361,9 @@ def build_model_card(
     bits: int,
     group_size: int,
     desc_act: bool,
-    template_path: str | os.PathLike = TEMPLATE_PATH,
     awq_repo_id: Optional[str] = None,
+    extra_sections: Sequence[tuple[str, str]] = (),
+    template_path: Optional[str | os.PathLike] = None,
 ) -> ModelCard:
     """Build the model card of an exported (merged) QA-LoRA GPTQ model.
 
@@ -405,14 +391,15 @@ def build_model_card(
         framework_versions: ``{package: version}``; default: :func:`collect_framework_versions`.
         awq_repo_id: Hub repo of the AWQ export of the same model, named in "Serve it"; default: ``repo_id``'s
             ``-AWQ`` sibling (:func:`qalora_hf.awq_export.awq_sibling_repo_id`).
+        extra_sections: ``(title, markdown)`` pairs rendered as ``## title`` sections after "Evaluation" (e.g. how to
+            run a GGUF or AWQ copy of the model); the markdown goes through the same secret checks.
+        template_path: a card template of your own (default: the package's ``templates/qalora_gptq.md``).
 
     Raises:
         ValueError: the rendered card still contains a token, a local absolute path or the user name,
             or ``loss_plot`` is not a relative name.
     """
-    if not Path(template_path).is_file():
-        raise FileNotFoundError(f"model card template {Path(template_path).name} not found; qalora-hf reads it from the "
-                                "model_cards/ folder of its source tree (install it with `pip install -e .`).")
+    template = _template_text(template_path, TEMPLATE)
     datasets = list(datasets)
     if loss_plot is not None and (os.path.isabs(loss_plot) or loss_plot.startswith("~") or ".." in Path(loss_plot).parts):
         raise ValueError(f"loss_plot must be a file name relative to the repo (e.g. 'loss.png'), got {Path(loss_plot).name!r}.")
@@ -453,7 +440,7 @@ def build_model_card(
     )
     card = ModelCard.from_template(
         card_data,
-        template_path=str(template_path),
+        template_str=template,
         model_title=model_name,
         description=description,
         repo_id=repo_id,
@@ -468,12 +455,45 @@ def build_model_card(
         merge_note=merge_note,
         loss_plot=loss_plot,
         eval_rows=rows,
+        extra_sections=[(str(title), str(body).strip()) for title, body in extra_sections],
         limitations=_limitations(bits, names, datasets, license),
         serve=serve_section(gptq_repo_id=repo_id, awq_repo_id=awq_repo_id or _awq_sibling(repo_id), bits=bits,
                             group_size=group_size, desc_act=desc_act),
     )
     assert_no_secrets(str(card))
     return card
+
+
+# --------------------------------------------------------------------------------------------------
+# What the card says about the run
+
+
+def source_license(model_path) -> Optional[str]:
+    """Licence of a local model directory: its ``qalora_source.json`` (written by the demo's fetcher) or its README
+    front matter; None for a Hub id or when neither says."""
+    if not model_path or not Path(model_path).is_dir():
+        return None
+    src = Path(model_path) / "qalora_source.json"
+    if src.is_file():
+        return json.loads(src.read_text()).get("license")
+    readme = Path(model_path) / "README.md"
+    if readme.is_file():
+        return ModelCard.load(readme).data.license
+    return None
+
+
+def training_args_summary(args) -> dict:
+    """The SFT settings worth a card row, from a ``TrainingArguments`` / ``SFTConfig`` (no tokens, no paths), plus
+    ``world_size``."""
+    keys = (
+        "learning_rate", "lr_scheduler_type", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+        "gradient_accumulation_steps", "max_grad_norm", "warmup_steps", "weight_decay", "optim", "seed", "max_length",
+        "packing", "completion_only_loss", "bf16", "fp16", "gradient_checkpointing",
+    )
+    out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    out = {k: (v.value if hasattr(v, "value") else v) for k, v in out.items()}
+    out["world_size"] = args.world_size
+    return {k: v for k, v in out.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -515,7 +535,7 @@ def plot_training_loss(log_history: list[dict], path: str | os.PathLike) -> Path
 # --------------------------------------------------------------------------------------------------
 # GGUF: the "Run it with llama.cpp / ollama" section, the ollama Modelfile and the card of the -GGUF repo
 
-GGUF_TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "qalora_gguf.md"
+GGUF_TEMPLATE = "qalora_gguf.md"
 LLAMA_CPP_HEADING = "## Run it with llama.cpp / ollama"
 ALPACA_OLLAMA_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -615,7 +635,7 @@ def build_gguf_model_card(
     upstream_base_models: Iterable[str] = (),
     license: Optional[str] = None,
     fidelity: Optional[dict] = None,
-    template_path: str | os.PathLike = GGUF_TEMPLATE_PATH,
+    template_path: Optional[str | os.PathLike] = None,
 ) -> ModelCard:
     """The card of a ``-GGUF`` repo holding a lossless Q4_1 export (:func:`qalora_hf.gguf_export.export_gguf`).
 
@@ -637,7 +657,7 @@ def build_gguf_model_card(
     upstream = [m for m in upstream_base_models if m and _REPO_ID.fullmatch(str(m))]
     card = ModelCard.from_template(
         card_data,
-        template_path=str(template_path),
+        template_str=_template_text(template_path, GGUF_TEMPLATE),
         model_title=repo_id.split("/")[-1],
         gptq_repo_id=gptq_repo_id if bases else None,
         upstream=upstream,

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -62,14 +60,13 @@ def _check_base(base: str) -> Optional[dict]:
     return None
 
 
-def _check_gptq_config(config: dict, base: str) -> int:
-    qc = config.get("quantization_config") or {}
-    if str(qc.get("quant_method", "")).lower() != "gptq":
-        raise UsageError(f"--base {base} is not a GPTQ model (quantization_config.quant_method is "
-                         f"{qc.get('quant_method')!r}); QA-LoRA merges into GPTQ zero-points")
-    if "bits" not in qc:
-        raise UsageError(f"--base {base}: quantization_config has no 'bits'")
-    return int(qc["bits"])
+def _check_gptq_config(config: dict, base: str) -> dict:
+    from .gptq import check_gptq_config
+
+    try:
+        return check_gptq_config(config.get("quantization_config"))
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--base {base}: {err}") from None
 
 
 def _check_adapter(adapter: str) -> dict:
@@ -110,72 +107,13 @@ def _check_repo_id(repo_id: str, flag: str) -> None:
         raise UsageError(f"{flag} {repo_id!r} must be 'namespace/name'")
 
 
-def read_rows(path: str) -> list[dict]:
-    """Rows of a ``.json`` (a list) or ``.jsonl`` file: ``{"text"}``, ``{"messages"}`` or Alpaca ``{"instruction", "input", "output"}``."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UsageError(f"--calibration-file {path}: no such file")
-    text = p.read_text(encoding="utf-8")
+def _read_calibration_rows(path: str) -> list[dict]:
+    from .data import read_rows
+
     try:
-        if p.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            rows = json.loads(text)
-            if isinstance(rows, dict):
-                rows = rows.get("data") or rows.get("rows") or [rows]
+        return read_rows(path)
     except ValueError as err:
-        raise UsageError(f"--calibration-file {path} is not valid JSON/JSONL: {err}") from None
-    if not isinstance(rows, list) or not rows:
-        raise UsageError(f"--calibration-file {path} holds no rows")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not ({"text", "messages"} & row.keys() or {"instruction", "output"} <= row.keys()):
-            raise UsageError(f"--calibration-file {path}: row {i} has neither 'text', 'messages' nor Alpaca "
-                             "'instruction'/'output' fields")
-    return rows
-
-
-# --------------------------------------------------------------------------------------------------
-# Calibration data and measurements
-
-
-def row_text(row: dict, tokenizer) -> str:
-    """A calibration row as training text: ``text`` as is, ``messages`` / Alpaca rows through the chat template."""
-    if "text" in row:
-        return str(row["text"])
-    messages = row.get("messages")
-    if messages is None:
-        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    return "\n\n".join(m["content"] for m in messages)
-
-
-def make_batches(texts: list[str], tokenizer, max_length: int, batch_size: int = 8) -> list[dict]:
-    batches = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    return batches
-
-
-def measure(model, batches: list[dict]) -> tuple[float, list]:
-    """Mean next-token loss over non-padding tokens, and the logits of each batch."""
-    import torch
-    import torch.nn.functional as F
-
-    total, count, logits_all = 0.0, 0, []
-    model.eval()
-    with torch.no_grad():
-        for batch in batches:
-            logits = model(**batch).logits.float()
-            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100, reduction="sum")
-            total += float(loss)
-            count += int((labels[:, 1:] != -100).sum())
-            logits_all.append(logits.masked_fill(batch["attention_mask"][..., None] == 0, 0.0))
-    return total / max(count, 1), logits_all
+        raise UsageError(f"--calibration-file {err}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,14 +121,16 @@ def measure(model, batches: list[dict]) -> tuple[float, list]:
 
 
 def cmd_merge(args) -> int:
+    from .strategies import STRATEGIES
+
     # 1. Check every input before loading anything heavy.
     base_config = _check_base(args.base)
     adapter_config = _check_adapter(args.adapter)
     _check_output_dir(args.output_dir, args.overwrite)
-    if args.strategy != "round" and not args.calibration_file:
+    if STRATEGIES[args.strategy].needs_calibration and not args.calibration_file:
         raise UsageError(f"--strategy {args.strategy} needs --calibration-file (rows of the training data, JSON or JSONL); "
                          "or pass --strategy round (zero-points only, no calibration)")
-    rows = read_rows(args.calibration_file) if args.calibration_file else []
+    rows = _read_calibration_rows(args.calibration_file) if args.calibration_file else []
     if args.num_calibration < 1 or args.max_length < 8 or args.num_eval < 0:
         raise UsageError("--num-calibration must be >= 1, --num-eval >= 0 and --max-length >= 8")
     for flag in ("push_to_hub", "base_model_id", "float_model"):
@@ -200,33 +140,28 @@ def cmd_merge(args) -> int:
     extra = Path(args.adapter)
     trainer_state = _read_json(extra / "trainer_state.json", "trainer_state.json") if (extra / "trainer_state.json").is_file() else None
     training_args = _read_json(extra / "training_args.json", "training_args.json") if (extra / "training_args.json").is_file() else {}
+    from .pipeline import CardInfo
 
-    from .card import build_model_card, gain_kept, plot_training_loss
-
-    repo_id = args.push_to_hub or f"{args.namespace}/{Path(args.output_dir).resolve().name}"
-    base_name = args.base_model_id or (args.base if not Path(args.base).exists() else Path(args.base).resolve().name)
-
-    def card(bits, group_size, desc_act, merge_metrics, loss_plot):
-        return build_model_card(
-            repo_id=repo_id, base_model=base_name, float_model=args.float_model, license=args.license,
-            datasets=args.dataset or (), qalora_config=adapter_config, training_args=training_args,
-            merge_metrics=merge_metrics, eval_results=None, loss_plot=loss_plot,
-            bits=bits, group_size=group_size, desc_act=desc_act,
-        )
-
+    card = CardInfo(
+        repo_id=args.push_to_hub or f"{args.namespace}/{Path(args.output_dir).resolve().name}",
+        base_model=args.base_model_id or (args.base if not Path(args.base).exists() else Path(args.base).resolve().name),
+        float_model=args.float_model, license=args.license, datasets=args.dataset or (), qalora_config=adapter_config,
+        training_args=training_args,
+    )
     try:  # a card that would leak a path or a token fails now, not after the merge
-        card(4, 32, False, None, None)
+        card.check()
     except ValueError as err:
         raise UsageError(str(err)) from None
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")
     t0 = time.time()
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+    from transformers import AutoConfig, AutoTokenizer
 
-    from .export import export_gptq
-    from .merge import merge_qalora
+    from .data import token_batches
+    from .gptq import load_gptq_model
     from .model import load_qalora_adapter
+    from .pipeline import merge_measure_export
 
     # 2. Load the base, its tokenizer and the adapter.
     if base_config is None:
@@ -234,80 +169,42 @@ def cmd_merge(args) -> int:
         base_config = AutoConfig.from_pretrained(args.base).to_dict()
         _check_gptq_config(base_config, args.base)
     qc = base_config["quantization_config"]
-    bits = int(qc["bits"])
-    _log(f"loading GPTQ base {args.base} ({bits}-bit, group {qc.get('group_size')}) on the CPU in float32")
-    model = AutoModelForCausalLM.from_pretrained(args.base, quantization_config=GPTQConfig(bits=bits, backend="torch"),
-                                                 dtype=torch.float32)
+    _log(f"loading GPTQ base {args.base} ({qc['bits']}-bit, group {qc.get('group_size')}) on the CPU in float32")
+    model = load_gptq_model(args.base, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     _log(f"loading QA-LoRA adapter {args.adapter}")
     model = load_qalora_adapter(model, args.adapter)
 
-    # 3. Calibration rows and held-out rows (the ones after them) for the before/after measurements.
-    texts = [row_text(r, tokenizer) for r in rows]
-    calib_texts = texts[:args.num_calibration]
-    eval_texts = texts[args.num_calibration:args.num_calibration + args.num_eval]
-    if not eval_texts and args.num_eval:  # too few rows to hold any out: measure on calibration rows, and say so
-        eval_texts = calib_texts[:args.num_eval]
-    calibration = make_batches(calib_texts, tokenizer, args.max_length) if calib_texts else None
-    eval_batches = make_batches(eval_texts, tokenizer, args.max_length) if eval_texts else []
-    metrics: dict = {"strategy": args.strategy}
-    if eval_batches:
-        _log(f"measuring base and trained model on {len(eval_texts)} rows")
-        with model.disable_adapter():
-            loss_base, _ = measure(model, eval_batches)
-        loss_trained, logits_trained = measure(model, eval_batches)
-        metrics.update(eval_rows=len(eval_texts), loss_base=loss_base, loss_trained=loss_trained)
-        if len(texts) <= args.num_calibration:
-            metrics["eval_on_calibration_rows"] = True
+    # 3. Calibration rows, and held-out rows (the ones after them) for the before/after measurements, as the recipe
+    #    trained on them (qalora_hf.data: Alpaca rows through the Alpaca template).
+    calib_rows = rows[:args.num_calibration]
+    eval_rows, source = rows[args.num_calibration:args.num_calibration + args.num_eval], "rows after the calibration rows"
+    if not eval_rows and args.num_eval and calib_rows:  # too few rows to hold any out: measure on calibration rows, and say so
+        eval_rows, source = calib_rows[:args.num_eval], "calibration rows (not held out)"
+    calibration = token_batches(calib_rows, tokenizer, args.max_length) if calib_rows else None
+    holdout = token_batches(eval_rows, tokenizer, args.max_length) if eval_rows else []
 
-    # 4. Merge.
-    _log(f"merging ({args.strategy}{f', {len(calib_texts)} calibration rows' if calib_texts else ''})")
-    merged, report = merge_qalora(model, strategy=args.strategy, calibration=calibration, progress=False)
-    totals = report.totals
-    metrics.update({k: totals[k] for k in ("layers", "exact_layers", "codes_changed", "zeros_changed", "zeros_clamped",
-                                           "rel_output_error_mean", "zero_points_at_0") if totals.get(k) is not None})
-    if eval_batches:
-        loss_exported, logits_exported = measure(merged, eval_batches)
-        diffs = [(a - b).abs() for a, b in zip(logits_trained, logits_exported)]
-        metrics.update(loss_exported=loss_exported, max_logit_diff=max(float(d.max()) for d in diffs))
-        metrics["gain_kept"] = gain_kept(loss_base, loss_trained, loss_exported)
-
-    # 5. Card, loss plot, export.
-    extra_files, loss_plot = {}, None
-    with tempfile.TemporaryDirectory() as scratch:
-        if trainer_state and trainer_state.get("log_history"):
-            try:
-                extra_files["loss.png"] = plot_training_loss(trainer_state["log_history"], Path(scratch) / "loss.png")
-                loss_plot = "loss.png"
-            except ValueError:
-                pass
-        model_card = card(bits, int(qc.get("group_size", -1)), bool(qc.get("desc_act", False)), metrics, loss_plot)
-        extra_files["merge_report.json"] = Path(scratch) / "merge_report.json"
-        extra_files["merge_report.json"].write_text(json.dumps({"metrics": metrics, **report.to_dict()}, indent=2) + "\n")
-        _log(f"exporting to {args.output_dir}")
-        out = export_gptq(merged, args.output_dir, tokenizer=tokenizer, card=model_card, adapter_dir=args.adapter,
-                          extra_files=extra_files, overwrite=args.overwrite, base_model_id=args.base_model_id)
-
-    commit = None
-    if args.push_to_hub:
-        from .hub import push_gptq_to_hub
-
-        _log(f"pushing to {args.push_to_hub}")
-        commit = push_gptq_to_hub(out, args.push_to_hub, private=args.private)
-
-    _print_summary(metrics, out, commit, args.push_to_hub, time.time() - t0)
+    # 4. Measure, merge, measure, card, export, push: one pipeline (qalora_hf.pipeline).
+    _log(f"merging ({args.strategy}{f', {len(calib_rows)} calibration rows' if calib_rows else ''}"
+         f"{f', {len(eval_rows)} rows measured' if eval_rows else ''}) and exporting to {args.output_dir}")
+    result = merge_measure_export(
+        model, tokenizer, args.output_dir, card=card, strategy=args.strategy, calibration=calibration, holdout=holdout,
+        holdout_source=source if eval_rows else None, adapter_dir=args.adapter,
+        log_history=(trainer_state or {}).get("log_history"), base_model_id=args.base_model_id,
+        push_to_hub=args.push_to_hub, hub_private=args.private, overwrite=args.overwrite, progress=False,
+    )
+    if result.commit:
+        _log(f"pushed to {args.push_to_hub}")
+    _print_summary(result.metrics, result.export_dir, result.commit, args.push_to_hub, time.time() - t0)
     return 0
 
 
 def _print_summary(metrics: dict, out: Path, commit: Optional[str], repo_id: Optional[str], seconds: float) -> None:
-    def fmt(key, v):
-        if key == "gain_kept":
-            return f"{100 * v:.1f}%"
-        return f"{v:.4g}" if isinstance(v, float) and math.isfinite(v) else str(v)
+    from .metrics import format_metric
 
-    rows = [(k, fmt(k, v)) for k, v in metrics.items() if v is not None]
+    rows = [(k, format_metric(k, v)) for k, v in metrics.items() if format_metric(k, v) is not None]
     rows.append(("output_dir", str(out)))
     if commit:
         rows.append(("pushed", f"{repo_id}@{commit[:12]}"))
@@ -435,6 +332,8 @@ def cmd_awq(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .strategies import STRATEGIES
+
     parser = argparse.ArgumentParser(prog=PROG, description="Merge, export and push QA-LoRA GPTQ models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -443,10 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True, help="QA-LoRA adapter directory (adapter_config.json with use_qalora); "
                    "trainer_state.json / training_args.json there feed the loss plot and the card")
     m.add_argument("--output-dir", required=True, help="where to write the merged checkpoint (written atomically)")
-    m.add_argument("--strategy", choices=("distill", "scales", "gptq", "round"), default="distill",
-                   help="distill (default): scales, then scale-only distillation towards the trained model; scales: scale refit + "
-                        "re-chosen codes on calibration data; gptq: codes only; round: zero-points only")
-    m.add_argument("--calibration-file", help="JSON/JSONL rows of the training data: {'text'}, {'messages'} or Alpaca rows")
+    m.add_argument("--strategy", choices=tuple(STRATEGIES), default="distill",
+                   help="; ".join(f"{s.name}: {s.summary}" for s in STRATEGIES.values()))
+    m.add_argument("--calibration-file", help="JSON/JSONL rows of the training data, in the form it was trained on: {'text'}, "
+                   "{'messages'}, {'prompt', 'completion'} or Alpaca rows (rendered with the Alpaca template, as the recipe trains)")
     m.add_argument("--num-calibration", type=int, default=128, help="calibration rows used for the merge (default 128)")
     m.add_argument("--num-eval", type=int, default=8,
                    help="held-out rows (after the calibration rows) used to measure the merge (default 8; 0 = skip); "

@@ -113,5 +113,38 @@ class QALoraConfig:
             modules_to_save=lora_config.modules_to_save,
         )
 
+    @classmethod
+    def from_model_config(cls, model_args, **overrides) -> "QALoraConfig":
+        """The adapter options of a ``trl.ModelConfig`` (its ``lora_r``, ``lora_alpha``, ``lora_dropout``,
+        ``lora_target_modules`` (default ``"all-linear"``), ``use_rslora`` and ``lora_modules_to_save``), as
+        alignment-handbook recipes give them; ``overrides`` win.
+
+        Raises:
+            ValueError: options QA-LoRA on GPTQ cannot honour (``use_dora``, ``load_in_4bit`` / ``load_in_8bit``,
+                ``lora_target_parameters``, a task type other than ``CAUSAL_LM``).
+        """
+        unsupported = {
+            "use_dora": "DoRA's magnitude vector cannot be folded into GPTQ zero-points",
+            "load_in_4bit": "QA-LoRA trains on a GPTQ base, not bitsandbytes",
+            "load_in_8bit": "QA-LoRA trains on a GPTQ base, not bitsandbytes",
+            "lora_target_parameters": "QA-LoRA adapts GPTQ linear layers, not parameters",
+        }
+        for name, why in unsupported.items():
+            if getattr(model_args, name, None):
+                raise ValueError(f"--{name} is not supported here: {why}. Remove it from the recipe's arguments.")
+        task = getattr(model_args, "lora_task_type", "CAUSAL_LM")
+        if task not in (None, "CAUSAL_LM"):
+            raise ValueError(f"--lora_task_type {task}: QA-LoRA trains causal LMs; use CAUSAL_LM.")
+        targets = getattr(model_args, "lora_target_modules", None) or "all-linear"
+        if isinstance(targets, (list, tuple)) and list(targets) == ["all-linear"]:
+            targets = "all-linear"
+        values = dict(
+            r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            use_rslora=bool(getattr(model_args, "use_rslora", False)),
+            modules_to_save=getattr(model_args, "lora_modules_to_save", None),
+        )
+        return cls(**{**values, **overrides})
+
     def to_dict(self) -> dict:
         return asdict(self)

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from .gptq_format import count_zero_points_at_0, install_checkpoint_format_hooks, set_checkpoint_format
+from .gptq import gptq_layers, gptq_settings, quantization_config_dict
 from .safety import ADAPTER_FILES, assert_folder_publishable, check_adapter_dir  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def clean_quantization_config(qc, *, sym: Optional[bool] = None) -> dict:
     Drops calibration data, tokenizer, backend and other load/quantise-time options (the calibration
     ``dataset`` would otherwise leak training text into ``config.json``).
     """
-    d = qc if isinstance(qc, dict) else qc.to_dict()
+    d = quantization_config_dict(qc)
     out = {k: d[k] for k in _QUANT_KEYS if k in d and d[k] is not None}
     out["quant_method"] = "gptq"
     if sym is not None:
@@ -138,8 +139,6 @@ def export_gptq(
             a token or a local path (nothing is renamed into place then).
     """
     from peft import PeftModel
-
-    from .model import gptq_layers, gptq_settings
 
     if isinstance(model, PeftModel):
         raise TypeError("export_gptq writes a plain GPTQ model; merge the adapters first with qalora_hf.merge_qalora(model).")

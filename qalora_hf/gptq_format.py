@@ -1,6 +1,6 @@
 """Read and write the integer tensors of a gptqmodel GPTQ linear layer.
 
-The layout (DESIGN.md §1, gptqmodel ``PackableQuantLinear.dequantize_weight``):
+The layout (docs/gptq_format.md, gptqmodel ``PackableQuantLinear.dequantize_weight``):
 
 * ``qweight`` int32 ``[K * bits / 32, N]``: codes ``q[i, o]`` packed along the input dim ``i``.
 * ``qzeros``  int32 ``[G, N * bits / 32]``: zero-points ``z[l, o]`` packed along the output dim ``o``.
@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+from .gptq import SUPPORTED_BITS  # noqa: F401  (defined with the other GPTQ facts)
 
 
 def _check_bits(bits: int) -> None:

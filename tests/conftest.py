@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")  # before gptqmodel is imported (DESIGN.md §3)
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")  # before gptqmodel is imported (docs/gptq_format.md)
 # gptqmodel's TorchLinear torch.compile()s dequantize_weight per layer instance: on CPU every fresh tiny
 # model recompiles (~5 s per forward).  Eager dequantisation is the same arithmetic and keeps tests fast.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")

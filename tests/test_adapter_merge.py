@@ -25,8 +25,8 @@ from qalora_hf.adapter import QALoraGPTQLinear, pooling_permutation
 from qalora_hf.export import export_gptq
 from qalora_hf.gptq_format import read_layer
 from qalora_hf.merge import qalora_layers
-from qalora_hf.recovery import ScaleTunedLinear
-from qalora_hf.model import gptq_layers, gptq_settings
+from qalora_hf.scale_distillation import ScaleTunedLinear
+from qalora_hf.gptq import gptq_layers, gptq_settings
 
 from conftest import GPTQ_CONFIGS, config_id
 
@@ -472,8 +472,8 @@ def test_distill_lr_rejected_before_any_work(bad, load_tiny_gptq):
 
 
 def test_scale_only_matmul_gradients():
-    """recovery._ScaleOnlyMatmul against autograd through the dense weight (float64, act-order g_idx, 8-bit range)."""
-    from qalora_hf.recovery import _ScaleOnlyMatmul
+    """scale_distillation._ScaleOnlyMatmul against autograd through the dense weight (float64, act-order g_idx, 8-bit range)."""
+    from qalora_hf.scale_distillation import _ScaleOnlyMatmul
 
     g = torch.Generator().manual_seed(0)
     k, n, groups = 12, 5, 3
@@ -492,9 +492,9 @@ def test_scale_only_matmul_gradients():
 
 
 def test_topk_kl_is_a_divergence():
-    """The partition KL of recovery.topk_kl: 0 for identical distributions, > 0 otherwise, and equal to the full
+    """The partition KL of scale_distillation.topk_kl: 0 for identical distributions, > 0 otherwise, and equal to the full
     KL when k covers the vocabulary."""
-    from qalora_hf.recovery import topk_kl
+    from qalora_hf.scale_distillation import topk_kl
 
     g = torch.Generator().manual_seed(0)
     lt = torch.log_softmax(torch.randn(5, 50, generator=g), -1)

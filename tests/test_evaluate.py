@@ -1,4 +1,5 @@
-"""The evaluation helpers batch rows in order of length: the numbers must equal an unbatched reference."""
+"""The held-out loss (qalora_hf.metrics) and the demo's MMLU scorer batch rows in order of length: the numbers must equal
+an unbatched reference."""
 
 import math
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qalora_hf.evaluate import MMLU_LETTERS, completion_loss, mmlu_accuracy, mmlu_prompt
+from demo.evaluation import MMLU_LETTERS, mmlu_accuracy, mmlu_prompt
+from qalora_hf.metrics import completion_loss
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +30,17 @@ def test_completion_loss_matches_unbatched_reference(float_model, tiny_tok):
     total, count = 0.0, 0
     with torch.no_grad():
         for prompt, completion in pairs:  # one row at a time, no padding, plain log-softmax
-            p = tiny_tok(prompt, add_special_tokens=False)["input_ids"]
-            c = tiny_tok(completion, add_special_tokens=False)["input_ids"] + [tiny_tok.eos_token_id]
-            logp = torch.log_softmax(float_model(input_ids=torch.tensor([p + c])).logits[0, :-1].double(), -1)
-            targets = torch.tensor(p + c)[1:]
+            # tokenised as TRL's SFTTrainer does: EOS appended to the completion, prompt and prompt + completion
+            # tokenised separately, the completion starting where they diverge
+            p = tiny_tok(prompt)["input_ids"]
+            ids = tiny_tok(prompt + completion + tiny_tok.eos_token)["input_ids"]
+            assert ids[-1] == tiny_tok.eos_token_id
+            start = next((i for i, (a, b) in enumerate(zip(p, ids)) if a != b), min(len(p), len(ids)))
+            logp = torch.log_softmax(float_model(input_ids=torch.tensor([ids])).logits[0, :-1].double(), -1)
+            targets = torch.tensor(ids)[1:]
             nll = -logp[torch.arange(len(targets)), targets]
-            total += float(nll[len(p) - 1 :].sum())  # positions predicting completion tokens
-            count += len(c)
+            total += float(nll[start - 1 :].sum())  # positions predicting completion tokens
+            count += len(ids) - start
     ref = total / count
     for batch_size in (1, 3, 8):
         got = completion_loss(float_model, tiny_tok, pairs, batch_size=batch_size)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")  # before gptqmodel is imported (DESIGN.md §3)
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")  # before gptqmodel is imported (docs/gptq_format.md)
 
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -19,10 +19,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download  # noqa: E402
 
-from qalora_hf import QALoraConfig, export_gptq, get_qalora_model, merge_qalora, push_gptq_to_hub  # noqa: E402
+from qalora_hf import QALoraConfig, export_gptq, get_qalora_model, push_gptq_to_hub  # noqa: E402
 from qalora_hf.card import assert_no_secrets, build_model_card, find_secrets, plot_training_loss, sanitize_training_args  # noqa: E402
 from qalora_hf.cli import main as cli_main  # noqa: E402
-from qalora_hf.cli import make_batches, measure  # noqa: E402
+from qalora_hf.data import token_batches  # noqa: E402
+from qalora_hf.metrics import measure  # noqa: E402
+from qalora_hf.pipeline import CardInfo, merge_measure_export  # noqa: E402
 from qalora_hf.testing.hub_server import HubServer  # noqa: E402
 from qalora_hf.testing.tiny import TINY_TEXTS, load_gptq, quantize_tiny, save_tiny_float_model  # noqa: E402
 
@@ -48,7 +50,7 @@ def _fresh_env(url: str, hf_home: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# The pipeline, built once: quantise -> train -> save adapter -> merge (gptq) -> export with card
+# The pipeline, built once: quantise -> train -> save adapter -> merge_measure_export (gptq: measure, merge, card, export)
 
 
 @pytest.fixture(scope="module")
@@ -85,38 +87,30 @@ def pipeline(tmp_path_factory):
 
     probe = tok(TINY_TEXTS[40:44], return_tensors="pt", padding=True)
     probe = {"input_ids": probe["input_ids"], "attention_mask": probe["attention_mask"]}
-    eval_batches = make_batches(TINY_TEXTS[48:56], tok, 64)
     with torch.no_grad():
         trained_logits = model(**probe).logits
-    with model.disable_adapter():
-        loss_base, _ = measure(model, eval_batches)
-    loss_trained, _ = measure(model, eval_batches)
 
-    merged, report = merge_qalora(model, strategy="gptq", calibration=make_batches(TINY_TEXTS[:32], tok, 64), progress=False)
-    merged.eval()
-    with torch.no_grad():
-        merged_logits = merged(**probe).logits
-    loss_exported, _ = measure(merged, eval_batches)
-
-    plot = plot_training_loss(log_history, root / "plot" / "loss.png")
-    metrics = {"strategy": "gptq", "max_logit_diff": float((merged_logits - trained_logits).abs().max()),
-               "loss_base": loss_base, "loss_trained": loss_trained, "loss_exported": loss_exported, **report.to_dict()}
-    card = build_model_card(
+    card = CardInfo(
         repo_id=REPO, base_model=BASE_REPO, float_model=None, license="apache-2.0", datasets=["local-user/tiny-texts"],
-        qalora_config=json.loads((adapter_dir / "adapter_config.json").read_text()),
         training_args={"learning_rate": 1e-2, "max_steps": 15, "optim": "adam", "output_dir": str(root / "run"),
                        "hub_token": TOKEN},
-        merge_metrics=metrics,
+        # a metric name as the value: filled in from the pipeline's measurements
         eval_results=[{"dataset_name": "tiny texts", "dataset_type": "local-user/tiny-texts", "metric_type": "loss",
-                       "metric_value": round(loss_exported, 4)},
-                      {"model": "base", "dataset_name": "tiny texts", "metric_type": "loss", "metric_value": round(loss_base, 4)}],
-        loss_plot="loss.png", bits=4, group_size=32, desc_act=False,
+                       "metric_value": "loss_exported"},
+                      {"model": "base", "dataset_name": "tiny texts", "metric_type": "loss", "metric_value": "loss_base"}],
     )
-    export_dir = export_gptq(merged, root / "export", tokenizer=tok, card=card, adapter_dir=adapter_dir,
-                             extra_files={"loss.png": plot})
+    result = merge_measure_export(
+        model, tok, root / "export", card=card, strategy="gptq",
+        calibration=token_batches([{"text": t} for t in TINY_TEXTS[:32]], tok, 64),
+        holdout=token_batches([{"text": t} for t in TINY_TEXTS[48:56]], tok, 64), holdout_source="tiny texts 48-55",
+        adapter_dir=adapter_dir, log_history=log_history, progress=False,
+    )
+    merged = result.merged_model
+    with torch.no_grad():
+        merged_logits = merged(**probe).logits
     torch.save({**probe, "merged": merged_logits, "trained": trained_logits}, root / "probe.pt")
-    return {"root": root, "gptq_dir": gptq_dir, "adapter_dir": adapter_dir, "export_dir": export_dir, "merged": merged,
-            "tok": tok, "log_history": log_history, "probe": root / "probe.pt", "metrics": metrics}
+    return {"root": root, "gptq_dir": gptq_dir, "adapter_dir": adapter_dir, "export_dir": result.export_dir, "merged": merged,
+            "tok": tok, "log_history": log_history, "probe": root / "probe.pt", "metrics": result.metrics}
 
 
 def test_training_lowered_the_loss_and_export_has_everything(pipeline):
@@ -125,13 +119,16 @@ def test_training_lowered_the_loss_and_export_has_everything(pipeline):
     # A random tiny model with 2-4 pooled groups per layer has little adapter capacity: ~0.4 nat in 15 steps.
     assert losses[-1] < losses[0] - 0.2 and evals == sorted(evals, reverse=True)
     m = pipeline["metrics"]
-    print({k: m[k] for k in ("loss_base", "loss_trained", "loss_exported", "max_logit_diff")}, m["totals"])
+    print({k: m[k] for k in ("loss_base", "loss_trained", "loss_exported", "max_logit_diff", "codes_changed")})
     assert m["loss_trained"] < m["loss_base"]
+    assert m["holdout_rows"] == 8 and m["holdout_source"] == "tiny texts 48-55" and m["strategy"] == "gptq"
     out = pipeline["export_dir"]
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert {"config.json", "model.safetensors", "README.md", "loss.png", "tokenizer.json",
             "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= names
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["metrics"] == json.loads(json.dumps(m)) and report["totals"]["strategy"] == "gptq"
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["checkpoint_format"] == "gptq" and qc["sym"] is False and qc["bits"] == 4
 
@@ -302,6 +299,28 @@ def test_card_refuses_leaks_it_cannot_strip(tmp_path):
     assert "10.0%" in str(low) and "keeps only 10%" in str(low)
 
 
+def test_card_without_a_gain_says_so_and_prints_no_nan():
+    """A run whose training did not lower the held-out loss: gain_kept is undefined (None, or NaN from older code); the
+    card leaves the row out and says why, instead of printing "nan%"."""
+    kwargs = dict(repo_id="user/m", base_model="user/base", qalora_config={"r": 8}, training_args={}, framework_versions={},
+                  bits=4, group_size=32, desc_act=False)
+    for kept in (None, float("nan")):
+        metrics = {"strategy": "round", "loss_base": 1.5, "loss_trained": 1.6, "loss_exported": 1.55, "gain_kept": kept}
+        text = str(build_model_card(**kwargs, merge_metrics=metrics))
+        assert "nan" not in text.lower() and "fraction of the fine-tuning loss gain" not in text, text
+        assert "Training did not lower the held-out loss" in text
+        assert "| held-out loss, exported (merged INT model) | 1.55 |" in text
+
+
+def test_card_extra_sections_render_before_limitations():
+    kwargs = dict(repo_id="user/m", base_model="user/base", qalora_config={"r": 8}, training_args={}, framework_versions={},
+                  bits=4, group_size=32, desc_act=False)
+    text = str(build_model_card(**kwargs, extra_sections=[("Run it with llama.cpp", "```bash\nllama-cli -m model.gguf\n```")]))
+    assert text.index("## Evaluation") < text.index("## Run it with llama.cpp\n\n```bash\nllama-cli") < text.index("## Limitations")
+    with pytest.raises(ValueError, match="would publish"):
+        build_model_card(**kwargs, extra_sections=[("Files", "written to /home/someone/model")])
+
+
 def test_plot_training_loss_needs_losses(tmp_path):
     with pytest.raises(ValueError, match="no 'loss'"):
         plot_training_loss([{"step": 1, "learning_rate": 1e-3}], tmp_path / "x.png")
@@ -334,8 +353,9 @@ def test_cli_merge_round_end_to_end(pipeline, tmp_path):
     assert find_secrets(text) == [] and "| merge strategy | round |" in text and "![" in text
 
     # The written checkpoint is the model the CLI measured: same loss on the same held-out rows (16..23).
-    loss, _ = measure(load_gptq(out, 4), make_batches(TINY_TEXTS[16:24], pipeline["tok"], 64))
+    loss = measure(load_gptq(out, 4), token_batches([{"text": t} for t in TINY_TEXTS[16:24]], pipeline["tok"], 64)).loss
     assert loss == pytest.approx(report["metrics"]["loss_exported"], abs=1e-5)
+    assert report["metrics"]["holdout_rows"] == 8 and report["metrics"]["holdout_source"] == "rows after the calibration rows"
 
 
 @pytest.mark.parametrize("case", ["no-base", "plain-lora", "nonempty-out", "gptq-needs-calibration", "bad-repo-id",

@@ -1,4 +1,4 @@
-"""Tests for qalora_hf.fetch, without network: a tiny random llama is written to GGUF here.
+"""Tests for demo/fetch.py (the demo's input fetcher), without network: a tiny random llama is written to GGUF here.
 
 The GGUF is written with the `gguf` package the way llama.cpp's converter does it: llama tensor
 names, float32 tensors, Q/K rows permuted for llama.cpp's rotary layout (transformers undoes that on
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from qalora_hf import fetch
+from demo import fetch
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2
 CHAT_TEMPLATE = (

@@ -240,8 +240,9 @@ def test_cli_refuses_before_loading_anything(gptq_checkpoint, tmp_path, capsys):
 
 @pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed (make install-llama)")
 def test_llama_cpp_runs_the_export_like_transformers_runs_the_gptq_model(exported, load_tiny_gptq, tiny_tok):
-    from qalora_hf.evaluate import completion_loss
+    from qalora_hf.data import token_batches
     from qalora_hf.gguf_export import _llama, llama_cpp_completion_loss
+    from qalora_hf.metrics import measure
     from qalora_hf.testing.tiny import TINY_TEXTS
 
     _, out = exported
@@ -255,9 +256,9 @@ def test_llama_cpp_runs_the_export_like_transformers_runs_the_gptq_model(exporte
     llm.close()
     # close, not bit-identical: llama.cpp rounds the activations to Q8_1 in its Q4_1 dot product
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max() + 1e-3
-    pairs = [(t.split("Response:")[0] + "Response:", t.split("Response:")[1]) for t in TINY_TEXTS[:8]]
-    ours = llama_cpp_completion_loss(out, tiny_tok, pairs, n_threads=1)
-    theirs = completion_loss(model, tiny_tok, pairs)
+    rows = [{"prompt": t.split("Response:")[0] + "Response:", "completion": t.split("Response:")[1]} for t in TINY_TEXTS[:8]]
+    ours = llama_cpp_completion_loss(out, tiny_tok, rows, n_threads=1)
+    theirs = measure(model, token_batches(rows, tiny_tok, 256)).loss
     assert ours["rows"] == 8 and ours["same_tokens"] == 8  # llama.cpp's tokenizer (from the GGUF) splits as HF does
     assert abs(ours["loss"] - theirs) < 0.01
 

@@ -7,7 +7,7 @@ import torch
 from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
 
 from qalora_hf.gptq_format import pack, qzeros_v2_to_v1, read_layer, unpack, write_layer
-from qalora_hf.model import gptq_layers
+from qalora_hf.gptq import gptq_layers
 
 from conftest import config_id
 

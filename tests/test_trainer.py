@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")  # before gptqmodel is imported (DESIGN.md §3)
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")  # before gptqmodel is imported (docs/gptq_format.md)
 
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -21,7 +21,8 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
-from qalora_hf import QALoraConfig, QALoraTrainer, QuantizeConfig  # noqa: E402
+from qalora_hf import QALoraConfig, QALoraSFTConfig, QALoraTrainer, QuantizeConfig  # noqa: E402
+from qalora_hf.metrics import METRIC_LABELS, format_metric  # noqa: E402
 from qalora_hf.testing.tiny import TINY_TEXTS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,14 +53,14 @@ def text_rows(texts=TINY_TEXTS) -> list[dict]:
     return [{"text": t} for t in texts]
 
 
-def sft_args(output_dir, **kw) -> SFTConfig:
+def sft_args(output_dir, **kw) -> QALoraSFTConfig:
     base = dict(
         output_dir=str(output_dir), max_steps=3, learning_rate=1e-2, per_device_train_batch_size=4, logging_steps=1,
         max_length=64, report_to="none", bf16=False, use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
         dataloader_num_workers=0,
     )
     base.update(kw)
-    return SFTConfig(**base)
+    return QALoraSFTConfig(**base)
 
 
 def logged_losses(trainer) -> dict[int, float]:
@@ -94,9 +95,9 @@ def test_full_run_quantise_train_merge_export_and_cache_reuse(tiny_float_dir, tm
             model=str(tiny_float_dir),
             quantize_config=QuantizeConfig(bits=4, group_size=32, num_calibration_rows=16, cache_dir=str(cache)),
             qalora_config=QALoraConfig(r=4, lora_alpha=8),
-            args=sft_args(out, max_steps=10, per_device_train_batch_size=8),
-            train_dataset=train_ds, eval_dataset=eval_ds, merge_strategy="gptq",
-            num_calibration_rows=16, num_holdout_rows=8, **kw,
+            args=sft_args(out, max_steps=10, per_device_train_batch_size=8, merge_strategy="gptq", num_calibration_rows=16,
+                          num_holdout_rows=8, model_card_datasets=["local-user/tiny-facts"], **kw),
+            train_dataset=train_ds, eval_dataset=eval_ds,
         )
 
     caplog.set_level(logging.INFO, logger="qalora_hf.quantize")
@@ -116,11 +117,12 @@ def test_full_run_quantise_train_merge_export_and_cache_reuse(tiny_float_dir, tm
     assert losses[steps[-1]] < losses[steps[0]] - 0.1, losses
 
     m = trainer.merge_metrics
-    assert m is not None and m["strategy"] == "gptq" and m["holdout_source"] == "eval_dataset"
-    for key in ("loss_base", "loss_trained", "loss_export", "gain_kept"):
+    assert m is not None and m["strategy"] == "gptq" and m["holdout_source"] == "eval_dataset" and m["holdout_rows"] == 8
+    for key in ("loss_base", "loss_trained", "loss_exported", "gain_kept", "max_logit_diff"):
         assert key in m and math.isfinite(m[key]), (key, m)
     assert m["loss_trained"] < m["loss_base"]
     assert m["gain_kept"] > 0.5, m  # the gptq merge keeps most of the fine-tuning gain (~99% here)
+    assert set(m) <= set(METRIC_LABELS), set(m) - set(METRIC_LABELS)  # one set of names
 
     out = Path(trainer.export_dir)
     assert out == tmp_path / "run" / "export"
@@ -135,6 +137,20 @@ def test_full_run_quantise_train_merge_export_and_cache_reuse(tiny_float_dir, tm
     assert not list(out.parent.glob(".export.*")), "half-written export dirs left behind"
     adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["use_qalora"] is True and adapter_cfg["qalora_group_size"] == 32 and adapter_cfg["r"] == 4
+    assert json.loads((out / "merge_report.json").read_text())["metrics"] == json.loads(json.dumps(m))
+
+    # The card is built from this run's metrics: every measured value in its row, under its label, no raw names.
+    card = (out / "README.md").read_text()
+    rows = dict(line.strip("|").split(" | ", 1) for line in card.splitlines()
+                if line.startswith("| ") and line.count(" | ") == 1)
+    rows = {k.strip(): v.strip() for k, v in rows.items()}
+    for key in ("strategy", "holdout_rows", "holdout_tokens", "holdout_source", "loss_base", "loss_trained", "loss_exported",
+                "gain_kept", "max_logit_diff", "codes_changed", "zeros_changed", "layers"):
+        assert rows.get(METRIC_LABELS[key]) == format_metric(key, m[key]), (key, rows.get(METRIC_LABELS[key]), m[key])
+    assert rows[METRIC_LABELS["gain_kept"]].endswith("%") and "nan" not in card.lower()
+    assert not set(rows) & set(METRIC_LABELS), set(rows) & set(METRIC_LABELS)  # no metric shown under its raw name
+    assert "| loss_export |" not in card and "| holdout_rows |" not in card
+    assert "datasets:\n- local-user/tiny-facts" in card  # the card's dataset is the one the run was given
 
     # stock transformers (auto-picked gptqmodel kernel) reloads the export
     tok = AutoTokenizer.from_pretrained(out)
@@ -176,11 +192,19 @@ def test_dataset_formats_train_only_lora_params(gptq_dir, tmp_path, fmt, extra):
     rows = {"text": text_rows, "messages": messages_rows, "prompt_completion": prompt_completion_rows}[fmt]()
     trainer = QALoraTrainer(
         model=gptq_dir, qalora_config=QALoraConfig(r=4, lora_alpha=8),
-        args=sft_args(tmp_path / "run", max_steps=2, **extra),
-        train_dataset=Dataset.from_list(rows[:16]), merge_at_end=False, merge_strategy="round",
+        args=sft_args(tmp_path / "run", max_steps=2, merge_at_end=False, merge_strategy="round", **extra),
+        train_dataset=Dataset.from_list(rows[:16]),
     )
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable), trainable
+    if not extra.get("packing"):  # qalora_hf.data tokenises a row exactly as TRL's SFTTrainer did for training
+        from qalora_hf.data import encode_row
+
+        for i in (0, 5):
+            ids, labels = encode_row(rows[i], trainer.processing_class, trainer.args.max_length)
+            assert ids == list(trainer.train_dataset[i]["input_ids"]), (fmt, i)
+            if "labels" in trainer.train_dataset.column_names:
+                assert labels == list(trainer.train_dataset[i]["labels"]), (fmt, i)
     if extra.get("packing"):
         packed = trainer.train_dataset  # rows packed into max_length sequences
         assert len(packed) < 16 and max(len(x) for x in packed["seq_lengths"]) > 1, packed
@@ -209,8 +233,8 @@ def test_resume_from_checkpoint_reproduces_losses(gptq_dir, tmp_path):
     def make(out):
         return QALoraTrainer(
             model=gptq_dir, qalora_config=QALoraConfig(r=4, lora_alpha=8),
-            args=sft_args(out, max_steps=6, save_strategy="steps", save_steps=3, seed=123),
-            train_dataset=ds, merge_at_end=False, merge_strategy="round",
+            args=sft_args(out, max_steps=6, save_strategy="steps", save_steps=3, seed=123, merge_at_end=False, merge_strategy="round"),
+            train_dataset=ds,
         )
 
     first = make(tmp_path / "run")
@@ -251,9 +275,8 @@ def _bad_case(case, tiny_float_dir, tmp_path):
         model=str(tiny_float_dir),
         quantize_config=QuantizeConfig(bits=4, group_size=32, num_calibration_rows=8, cache_dir=str(tmp_path / "cache")),
         qalora_config=QALoraConfig(r=4, lora_alpha=8),
-        args=sft_args(tmp_path / "run"),
+        args=sft_args(tmp_path / "run", merge_strategy="round"),
         train_dataset=Dataset.from_list(rows),
-        merge_strategy="round",
     )
     if case == "peft_config":
         from peft import LoraConfig
@@ -276,7 +299,7 @@ def _bad_case(case, tiny_float_dir, tmp_path):
         kw["quantize_config"] = None
         return kw, r"float model: pass quantize_config=QuantizeConfig"
     if case == "max_length_shorter_than_prompt":
-        kw["args"] = sft_args(tmp_path / "run", max_length=8)
+        kw["args"] = sft_args(tmp_path / "run", max_length=8, merge_strategy="round")
         return kw, r"max_length=8 is not longer than the longest prompt .*Raise max_length"
     if case == "group_size_mismatch":
         kw["qalora_config"] = QALoraConfig(r=4, lora_alpha=8, group_size=64)
@@ -284,15 +307,20 @@ def _bad_case(case, tiny_float_dir, tmp_path):
     if case == "push_without_hub_model_id":
         kw["args"] = sft_args(tmp_path / "run", push_to_hub=True)
         return kw, r"push_to_hub=True needs hub_model_id"
-    if case == "unknown_merge_strategy":
-        kw["merge_strategy"] = "average"
+    if case == "plain_sft_config_with_push":  # a plain SFTConfig is converted, and checked the same way
+        kw["args"] = SFTConfig(**{f: getattr(sft_args(tmp_path / "run"), f) for f in ("output_dir", "report_to", "use_cpu")},
+                               bf16=False, push_to_hub=True)
+        return kw, r"push_to_hub=True needs hub_model_id"
+    if case == "unknown_merge_strategy":  # the config's __post_init__ refuses it, before the trainer exists
+        kw["args"] = lambda: sft_args(tmp_path / "run", merge_strategy="average")
         return kw, r"merge_strategy='average' is unknown; choose one of"
     raise AssertionError(case)
 
 
 BAD_CASES = [
     "peft_config", "empty_train", "empty_eval", "wrong_columns", "no_train_dataset", "float_without_quantize_config",
-    "max_length_shorter_than_prompt", "group_size_mismatch", "push_without_hub_model_id", "unknown_merge_strategy",
+    "max_length_shorter_than_prompt", "group_size_mismatch", "push_without_hub_model_id", "plain_sft_config_with_push",
+    "unknown_merge_strategy",
 ]
 
 
@@ -309,7 +337,7 @@ def test_bad_input_fails_before_quantisation(case, tiny_float_dir, tmp_path, mon
     monkeypatch.setattr(quantize_mod, "quantize_model", no_work)
     kw, pattern = _bad_case(case, tiny_float_dir, tmp_path)
     with pytest.raises(ValueError, match=pattern):
-        QALoraTrainer(**kw)
+        QALoraTrainer(**{**kw, "args": kw["args"]() if callable(kw["args"]) else kw["args"]})
     cache = tmp_path / "cache"
     assert not cache.exists() or not any(cache.iterdir())
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
@@ -379,7 +407,9 @@ def test_recipe_under_accelerate_two_processes(tiny_float_dir, tmp_path):
     info = json.loads((out / "run_info.json").read_text())
     assert Path(info["export_dir"]) == out / "export"
     assert info["float_model"] == str(tiny_float_dir) and info["num_holdout_rows"] == 8
-    assert math.isfinite(info["merge_metrics"]["loss_export"])
+    assert math.isfinite(info["merge_metrics"]["loss_exported"]) and info["merge_metrics"]["holdout_rows"] == 8
+    card = (out / "export" / "README.md").read_text()
+    assert "datasets:" not in card and "alpaca" not in card.lower()  # no dataset id was passed: none is claimed
     assert not list(out.glob("checkpoint-*"))
     assert "| world_size | 2 |" in (out / "export" / "README.md").read_text()  # really trained on 2 ranks
 
@@ -390,8 +420,8 @@ def test_quantize_true_sequential_flag(tiny_float_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from qalora_hf.gptq_format import read_layer
-    from qalora_hf.model import gptq_layers
-    from qalora_hf.quantize import load_gptq_model, quantize_model
+    from qalora_hf.gptq import gptq_layers, load_gptq_model
+    from qalora_hf.quantize import quantize_model
 
     texts = list(TINY_TEXTS[:16])
     dirs = {ts: quantize_model(str(tiny_float_dir), QuantizeConfig(num_calibration_rows=16, cache_dir=str(tmp_path), true_sequential=ts), texts)
@@ -418,7 +448,7 @@ def test_shipped_recipe_configs_parse(config, monkeypatch):
     not after a long quantisation)."""
     import importlib.util
 
-    from trl import SFTConfig, TrlParser
+    from trl import ModelConfig, TrlParser
 
     spec = importlib.util.spec_from_file_location("sft_alpaca_recipe", ROOT / "recipes/sft_alpaca.py")
     recipe = importlib.util.module_from_spec(spec)
@@ -428,6 +458,9 @@ def test_shipped_recipe_configs_parse(config, monkeypatch):
     if not torch.cuda.is_available():
         argv += ["--bf16", "false"]  # the GPU configs ask for bf16, which TrainingArguments refuses on a CPU
     monkeypatch.setattr(sys, "argv", argv)
-    script_args, training_args = TrlParser((recipe.ScriptArguments, SFTConfig)).parse_args_and_config()
-    assert script_args.merge_strategy in ("distill", "scales", "gptq", "round")
+    script_args, training_args, model_args = TrlParser((recipe.ScriptArguments, QALoraSFTConfig, ModelConfig)).parse_args_and_config()
+    assert training_args.merge_strategy in ("distill", "scales", "gptq", "round")
     assert training_args.max_steps > 0 and script_args.bits in (2, 3, 4, 8)
+    assert training_args.model_card_datasets == ["tatsu-lab/alpaca"] and training_args.num_holdout_rows == 99
+    qalora = QALoraConfig.from_model_config(model_args)  # the adapter options come from ModelConfig's lora_* fields
+    assert qalora.target_modules == "all-linear" and qalora.lora_dropout == 0.0 and qalora.r in (16, 64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -60,7 +61,10 @@ def quantize_tiny(float_dir, output_dir, bits=4, group_size=32, desc_act=False, 
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
     tok = AutoTokenizer.from_pretrained(float_dir)
-    qconf = GPTQConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, dataset=TINY_TEXTS[:16], tokenizer=tok, backend="torch")
+    from qalora_hf.gptq import TRAINABLE_BACKEND
+
+    qconf = GPTQConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, dataset=TINY_TEXTS[:16], tokenizer=tok,
+                       backend=TRAINABLE_BACKEND)
     model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=qconf, dtype=torch.float32)
     from qalora_hf.export import export_gptq
 
@@ -68,9 +72,12 @@ def quantize_tiny(float_dir, output_dir, bits=4, group_size=32, desc_act=False, 
     return Path(output_dir)
 
 
-def load_gptq(path, bits: int, **kwargs):
-    """Load a GPTQ checkpoint with the trainable torch kernel, in float32 (CPU)."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "1")
-    from transformers import AutoModelForCausalLM, GPTQConfig
+def load_gptq(path, bits: Optional[int] = None, **kwargs):
+    """Load a GPTQ checkpoint with the trainable torch kernel, in float32 (CPU): :func:`qalora_hf.gptq.load_gptq_model`,
+    checking ``bits`` against the checkpoint when given."""
+    from qalora_hf.gptq import load_gptq_model
 
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=bits, backend="torch"), dtype=torch.float32, **kwargs)
+    model = load_gptq_model(str(path), dtype=torch.float32, **kwargs)
+    if bits is not None and int(model.config.quantization_config.bits) != int(bits):
+        raise ValueError(f"{path} holds a {model.config.quantization_config.bits}-bit model, not {bits}-bit.")
+    return model

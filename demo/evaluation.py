@@ -1,7 +1,8 @@
-"""Small, offline evaluations used by the demo and the benchmarks: held-out loss and MMLU 0-shot.
+"""The demo's own evaluations: MMLU 0-shot on a fixed subset and one greedy answer.
 
-``evaluate.load(...)`` fetches metric scripts from the Hub at run time (DESIGN.md §3), so these are
-plain functions over tensors.
+The held-out loss is the library's (:func:`qalora_hf.metrics.measure`); rows become text through
+:mod:`qalora_hf.data`.  ``evaluate.load(...)`` fetches metric scripts from the Hub at run time
+(docs/conventions.md), so these are plain functions over tensors.
 """
 
 from __future__ import annotations
@@ -9,56 +10,12 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Iterable, Optional
 
 import torch
 
+from qalora_hf.data import alpaca_prompt_completion
+
 MMLU_LETTERS = ("A", "B", "C", "D")
-
-
-def alpaca_prompt_completion(row: dict) -> tuple[str, str]:
-    """The Alpaca template (Taori et al. 2023): ``(prompt, completion)`` of one instruction/input/output row."""
-    if row.get("input"):
-        prompt = (
-            "Below is an instruction that describes a task, paired with an input that provides further context. "
-            "Write a response that appropriately completes the request.\n\n"
-            f"### Instruction:\n{row['instruction']}\n\n### Input:\n{row['input']}\n\n### Response:\n"
-        )
-    else:
-        prompt = (
-            "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-            f"### Instruction:\n{row['instruction']}\n\n### Response:\n"
-        )
-    return prompt, row["output"]
-
-
-@torch.no_grad()
-def completion_loss(model, tokenizer, pairs: Iterable[tuple[str, str]], max_length: int = 256, batch_size: int = 8) -> float:
-    """Mean token cross-entropy (nats) of the completions given the prompts, the way TRL's
-    completion-only loss computes it (EOS appended to each completion, prompt tokens masked).
-
-    Rows are batched in order of length (the mean over tokens does not depend on the order; padding
-    does cost time: about a third fewer padded positions on the Alpaca rows)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = []
-    for prompt, completion in pairs:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(((p + c)[:max_length], ([-100] * len(p) + c)[:max_length]))
-    rows.sort(key=lambda r: len(r[0]))
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in chunk], device=device)
-        attn = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk], device=device)
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk], device=device)
-        logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float()
-        tgt = labels[:, 1:]
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum"))
-        count += int((tgt != -100).sum())
-    return total / max(count, 1)
 
 
 def load_mmlu_subset(path: str | Path, per_topic: int = 4, seed: int = 0) -> list[dict]:
@@ -107,12 +64,6 @@ def mmlu_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 8, max_l
         pred = logits[:, letter_ids].argmax(-1).tolist()
         correct += sum(MMLU_LETTERS[p] == answer for p, (_, answer) in zip(pred, chunk))
     return correct / max(len(rows), 1)
-
-
-def gain_kept(loss_base: float, loss_trained: float, loss_other: float) -> Optional[float]:
-    """Fraction of the fine-tuning gain (held-out loss drop) that ``loss_other`` keeps."""
-    gain = loss_base - loss_trained
-    return (loss_base - loss_other) / gain if gain > 0 else None
 
 
 @torch.no_grad()

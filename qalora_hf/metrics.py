@@ -1,0 +1,188 @@
+"""The merge's measurements and their names, defined once.
+
+:data:`METRIC_LABELS` is the one set of metric names (with the label the model card shows for each): the
+pipeline writes them into ``merge_report.json`` (``"metrics"``), the recipe into ``run_info.json``
+(``"merge_metrics"``), and the card, the CLI summary and the demo report read them (docs/conventions.md,
+"Metric names").  :func:`measure` is the one held-out measurement.
+
+Plain functions over tensors: ``evaluate.load(...)`` fetches metric scripts from the Hub at run time
+(docs/conventions.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+
+from .data import IGNORE_INDEX, MODEL_INPUTS, token_batches
+
+# name -> label on the model card, in display order.
+METRIC_LABELS: dict[str, str] = {
+    "strategy": "merge strategy",
+    "holdout_rows": "held-out rows measured",
+    "holdout_tokens": "tokens the held-out loss counts",
+    "holdout_source": "held-out rows taken from",
+    "loss_base": "held-out loss, base GPTQ model (no adapter)",
+    "loss_trained": "held-out loss, trained (adapter, unmerged)",
+    "loss_exported": "held-out loss, exported (merged INT model)",
+    "gain_kept": "fraction of the fine-tuning loss gain kept by the export",
+    "max_logit_diff": "max abs. logit difference, trained (adapter, unmerged) vs exported, over real tokens",
+    "codes_changed": "integer codes changed",
+    "zeros_changed": "zero-points changed",
+    "zeros_clamped": "zero-points clamped to the integer range",
+    "zero_points_at_0": "zero-points equal to 0 (read exactly by transformers/gptqmodel; misread by engines that unpack "
+                        "GPTQ v1 per field, e.g. vLLM's ExLlama gptq kernels: use the AWQ or GGUF export there)",
+    "layers": "layers merged",
+    "exact_layers": "layers merged exactly",
+    "shift_abs_median": "median abs. zero-point shift (quantisation steps)",
+    "shift_abs_p99_max": "largest per-layer 99th percentile of the abs. shift (quantisation steps)",
+    "shift_frac_above_half": "fraction of shifts above half a step",
+    "rel_output_error_mean": "mean relative output error per layer (0 exact, 1 = adapter dropped)",
+    "scales_changed": "fp16 scales changed",
+    "distill_steps": "scale-distillation steps (strategy `distill`)",
+    "distill_lr": "scale-distillation peak learning rate (default: 2 x the median shift)",
+    "distill_kl_first": "top-k KL to the trained model, first distillation step (nats/token, calibration rows)",
+    "distill_kl_last": "top-k KL to the trained model, last distillation step (nats/token, calibration rows)",
+    "distill_scales_changed": "fp16 scales changed by the distillation",
+    "distill_diverged": "scale distillation diverged (scales kept from before it)",
+}
+
+def gain_kept(loss_base: float, loss_trained: float, loss_other: float) -> Optional[float]:
+    """Fraction of the fine-tuning gain (held-out loss drop) that ``loss_other`` keeps; None when training did not
+    lower the loss (the fraction is not defined)."""
+    gain = loss_base - loss_trained
+    return (loss_base - loss_other) / gain if gain > 0 else None
+
+
+def format_metric(name: str, value) -> Optional[str]:
+    """``value`` as the card and the CLI show it: ``gain_kept`` as a percentage, floats to 4 significant digits;
+    None for a missing or undefined value (None, NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if name == "gain_kept":
+        return f"{100 * value:.1f}%"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}" if value != 0 else "0"
+    return str(value)
+
+
+@dataclass
+class Measurement:
+    """What :func:`measure` found on a set of batches.
+
+    Attributes:
+        loss: mean next-token cross-entropy (nats per counted token) over the positions whose label is not
+            :data:`~qalora_hf.data.IGNORE_INDEX` (``labels``; default: every real token).
+        tokens: the number of tokens the loss counts.
+        rows: the number of rows measured.
+        logits: with ``keep_logits=True``, per batch the float32 CPU logits [P, V] of its P real (non-padding) positions.
+        max_logit_diff: with a ``reference``, max abs. difference of the logits over the real positions and the vocabulary.
+        reference_loss: the loss of a ``reference`` model on the same batches.
+    """
+
+    loss: float
+    tokens: int
+    rows: int
+    logits: Optional[list[torch.Tensor]] = None
+    max_logit_diff: Optional[float] = None
+    reference_loss: Optional[float] = None
+
+
+def _real(batch: dict, logits: torch.Tensor) -> torch.Tensor:
+    mask = batch.get("attention_mask")
+    return logits[mask.to(logits.device).bool()] if mask is not None else logits.reshape(-1, logits.shape[-1])
+
+
+@torch.no_grad()
+def measure(model, batches: Iterable[dict], *, keep_logits: bool = False,
+            reference: Union[None, torch.nn.Module, Sequence[torch.Tensor]] = None) -> Measurement:
+    """Held-out loss of ``model`` on ``batches``, and optionally its logits or their distance to a reference.
+
+    Args:
+        model: a causal LM (a ``PeftModel`` too); run in eval mode under ``torch.no_grad``.
+        batches: dicts with ``input_ids`` [B, T] and optional ``attention_mask``, ``position_ids`` and ``labels``
+            [B, T] (:func:`qalora_hf.data.token_batches`, or a trainer's collated batches). Without ``labels``
+            every real token counts. Padded positions (``attention_mask == 0``) never count.
+        keep_logits: keep the logits of the real positions (float32, CPU), e.g. as the reference of a later call.
+        reference: the logits kept by an earlier ``measure(..., keep_logits=True)`` on the same batches, or a
+            model run on each batch here (its loss is returned as ``reference_loss``).
+
+    Returns:
+        :class:`Measurement`.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = ref_total = 0.0
+    count = rows = 0
+    kept, max_diff = [], None
+    try:
+        for i, batch in enumerate(batches):
+            inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+            labels = batch.get("labels")
+            if labels is None:
+                mask = inputs.get("attention_mask")
+                labels = inputs["input_ids"] if mask is None else inputs["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
+            labels = labels.to(device)
+            logits = model(**inputs, use_cache=False).logits.float()
+            total += _loss_sum(logits, labels)
+            count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+            rows += int(inputs["input_ids"].shape[0])
+            real = _real(inputs, logits)
+            if keep_logits:
+                kept.append(real.cpu())
+            if reference is not None:
+                if isinstance(reference, torch.nn.Module):
+                    ref_logits = reference(**{k: v.to(next(reference.parameters()).device) for k, v in inputs.items()},
+                                           use_cache=False).logits.float().to(device)
+                    ref_total += _loss_sum(ref_logits, labels)
+                    ref = _real(inputs, ref_logits)
+                else:
+                    ref = reference[i].to(device)
+                diff = float((real - ref).abs().max()) if real.numel() else 0.0
+                max_diff = diff if max_diff is None else max(max_diff, diff)
+    finally:
+        model.train(was_training)
+    return Measurement(
+        loss=total / max(count, 1), tokens=count, rows=rows, logits=kept if keep_logits else None, max_logit_diff=max_diff,
+        reference_loss=ref_total / max(count, 1) if isinstance(reference, torch.nn.Module) else None,
+    )
+
+
+def _loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float(torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"))
+
+
+def completion_loss(model, tokenizer, pairs: Iterable[tuple[str, str]], max_length: int = 256, batch_size: int = 8) -> float:
+    """Mean token cross-entropy (nats) of the completions given the prompts, as TRL's completion-only loss
+    computes it: :func:`measure` on :func:`qalora_hf.data.token_batches` of ``{"prompt", "completion"}`` rows."""
+    rows = [{"prompt": p, "completion": c} for p, c in pairs]
+    return measure(model, token_batches(rows, tokenizer, max_length, batch_size)).loss
+
+
+def merge_metrics(strategy: str, totals: dict, *, base: Optional[Measurement] = None, trained: Optional[Measurement] = None,
+                  exported: Optional[Measurement] = None, holdout_source: Optional[str] = None) -> dict:
+    """The metrics of one merge under the names of :data:`METRIC_LABELS`.
+
+    Args:
+        strategy: the merge strategy.
+        totals: ``MergeReport.totals``.
+        base / trained / exported: :func:`measure` of the GPTQ base (adapters off), the trained model and the merged
+            model (the last with ``reference`` = the trained model's logits); all None when nothing was measured.
+        holdout_source: where the held-out rows came from (docs/conventions.md).
+    """
+    metrics: dict = {"strategy": strategy}
+    if trained is not None:
+        metrics.update(
+            holdout_rows=trained.rows, holdout_tokens=trained.tokens, holdout_source=holdout_source,
+            loss_base=base.loss, loss_trained=trained.loss, loss_exported=exported.loss,
+            gain_kept=gain_kept(base.loss, trained.loss, exported.loss), max_logit_diff=exported.max_logit_diff,
+        )
+    metrics.update({k: v for k, v in totals.items() if k != "strategy"})
+    return metrics
