@@ -247,6 +247,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 repeats")
     ap.add_argument("--lora-b-std", type=float, default=0.02, help="std of the random lora_B of both adapters")
     ap.add_argument("--no-gguf", action="store_true", help="skip the GGUF Q4_1 / llama.cpp variant")
+    ap.add_argument("--variants", help="comma-separated subset of the variant keys to run: merged_auto, merged_torch, "
+                    "merged_awq_auto, unmerged_ours, unmerged_auto_peft, float_lora_merged, gguf_llama_cpp (default: all)")
     ap.add_argument("--gguf-tokenizer-pre", help="tokenizer.ggml.pre for the GGUF (only for a tokenizer llama.cpp's converter "
                     "does not know, e.g. 'gpt-2' for --tiny)")
     args = ap.parse_args(argv)
@@ -284,6 +286,12 @@ def main(argv=None) -> int:
             sizes[MERGED_AWQ] = file_size_mb(prep["merged_awq"])
         if prep.get("gguf"):
             sizes[GGUF] = file_size_mb(prep["gguf"])
+        if args.variants:
+            wanted = set(args.variants.split(","))
+            unknown = wanted - set(kinds.values())
+            if unknown:
+                raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {sorted(kinds.values())}")
+            kinds = {n: k for n, k in kinds.items() if k in wanted}
         res = run_interleaved({n: {**common, "kind": k} for n, k in kinds.items()}, make_variant, args.repeats)
 
     rows, summary = [], {}
