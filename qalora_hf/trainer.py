@@ -61,7 +61,9 @@ class QALoraTrainer(SFTTrainer):
     Args:
         model: a GPTQ checkpoint path / Hub id (loaded with gptqmodel's trainable ``torch`` kernel), a
             float model path / id together with ``quantize_config`` (GPTQ-quantised first with
-            gptqmodel on training rows, cached on disk), or an already loaded GPTQ ``PreTrainedModel``.
+            gptqmodel on training rows, cached on disk), or an already loaded GPTQ ``PreTrainedModel`` (not wrapped
+            by PEFT; on a trainable gptqmodel kernel, and with ``merge_at_end`` one the merge can read:
+            ``GPTQConfig(bits=..., backend="torch")``, docs/gptq_format.md "Kernels").
         args: a :class:`~qalora_hf.QALoraSFTConfig` (a plain ``SFTConfig`` is converted, with the QA-LoRA options at
             their defaults): the SFT options plus the merge's (``merge_at_end``, ``merge_strategy``,
             ``num_calibration_rows``, ``num_holdout_rows``, ``export_dir``, ``model_card_datasets``, ``float_model_id``).
