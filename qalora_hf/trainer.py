@@ -15,7 +15,8 @@ from trl import SFTConfig, SFTTrainer
 from .card import source_license, training_args_summary
 from .config import QALoraConfig
 from .data import collated_batches, prompt_length, row_to_text
-from .gptq import check_mergeable_kernels, check_trainable_kernels, gptq_settings, is_gptq_checkpoint, kernel_summary, load_gptq_model
+from .gptq import (check_mergeable_kernels, check_trainable_kernels, gptq_settings, is_gptq_checkpoint, kernel_summary,
+                   load_gptq_model)
 from .model import get_qalora_model
 from .pipeline import CardInfo, merge_measure_export
 from .quantize import QuantizeConfig, quantize_model
