@@ -31,6 +31,27 @@ ALPACA_PROMPT_WITH_INPUT = (
 IGNORE_INDEX = -100  # label of positions the loss does not count (PyTorch's cross_entropy default)
 # The keys of a batch that are passed to the model (``labels`` and collator extras are not).
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# The sequence boundaries TRL's padding-free collator (``packing=True`` with "bfd", or ``padding_free=True``) adds
+# for varlen attention kernels (flash attention) and linear-attention layers; the Trainer passes them to the model.
+PACKED_SEQUENCE_INPUTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def forward_inputs(batch: dict, device=None) -> dict:
+    """The keyword arguments of the model forward on ``batch``, as the training step passes them.
+
+    The keys of :data:`MODEL_INPUTS` and :data:`PACKED_SEQUENCE_INPUTS` that ``batch`` has (tensors moved to
+    ``device`` when given), and ``use_cache=False`` as TRL's ``SFTTrainer.compute_loss`` sets.  Without a cache,
+    transformers builds the attention mask of packed rows from ``position_ids`` (each packed sequence attends only
+    to itself, ``masking_utils.find_packed_sequence_indices``); with one — a model whose ``config.use_cache`` is
+    true — it skips that and packed sequences attend to each other, a forward training never ran.
+    """
+    out = {}
+    for key in MODEL_INPUTS + PACKED_SEQUENCE_INPUTS:
+        if key in batch:
+            v = batch[key]
+            out[key] = v.to(device) if device is not None and hasattr(v, "to") else v
+    out["use_cache"] = False
+    return out
 
 
 def alpaca_prompt_completion(row: dict) -> tuple[str, str]:
@@ -140,13 +161,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def encode_row(row: dict, tokenizer, max_length: Optional[int] = None) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of one row as TRL's ``SFTTrainer`` tokenises it.
-
-    Non-conversational rows get EOS appended to the text or completion; the loss counts every token of
-    language-modelling rows and the completion tokens of prompt/completion rows (``labels`` is
-    :data:`IGNORE_INDEX` on the prompt).  Both are cut to ``max_length`` tokens.
-    """
+def _encode(row: dict, tokenizer) -> tuple[list[int], int]:
+    """``(input_ids, start)``: the whole row's tokens, uncut, and the index of its first completion token."""
     prompt, completion = row_to_prompt_completion(row, tokenizer)
     conversational = _is_conversational(row)  # the chat template brings its own special tokens, and no EOS is added
     if not conversational and tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
@@ -156,7 +172,24 @@ def encode_row(row: dict, tokenizer, max_length: Optional[int] = None) -> tuple[
         return list(tokenizer(text, add_special_tokens=not conversational)["input_ids"])
 
     ids = encode(prompt + completion)
-    start = _common_prefix(encode(prompt), ids) if prompt else 0
+    return ids, (_common_prefix(encode(prompt), ids) if prompt else 0)
+
+
+def prompt_length(row: dict, tokenizer) -> int:
+    """Tokens before the completion of one row, counted as TRL's ``SFTTrainer`` tokenises it (:func:`encode_row`):
+    special tokens the tokenizer adds to a non-conversational text (BOS) included, 0 for language-modelling rows.
+    A ``max_length`` not above it truncates the whole completion away."""
+    return _encode(row, tokenizer)[1]
+
+
+def encode_row(row: dict, tokenizer, max_length: Optional[int] = None) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one row as TRL's ``SFTTrainer`` tokenises it.
+
+    Non-conversational rows get EOS appended to the text or completion; the loss counts every token of
+    language-modelling rows and the completion tokens of prompt/completion rows (``labels`` is
+    :data:`IGNORE_INDEX` on the prompt).  Both are cut to ``max_length`` tokens.
+    """
+    ids, start = _encode(row, tokenizer)
     labels = [IGNORE_INDEX] * start + ids[start:]
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]

@@ -6,7 +6,9 @@
 * :func:`gptq_layers`: the gptqmodel quantised linear layers of a model;
 * :func:`is_gptq_checkpoint` and :func:`load_gptq_model`: a checkpoint's kind, and loading it with
   gptqmodel's trainable kernel (:data:`TRAINABLE_BACKEND`);
-* :func:`mark_asymmetric`: what a merged model's config must say (``sym: false``).
+* :func:`mark_asymmetric`: what a merged model's config must say (``sym: false``);
+* :func:`kernel_summary`, :func:`check_trainable_kernels`, :func:`check_mergeable_kernels`: which gptqmodel
+  kernel a model's layers run on, and whether it can train and be merged (docs/gptq_format.md, "Kernels").
 
 See docs/gptq_format.md for the layout and the traps these functions exist for.  No torch import at module
 level: the CLI checks a ``config.json`` with :func:`check_gptq_config` before loading anything heavy.
@@ -122,7 +124,6 @@ def load_gptq_model(model_path: str, dtype=None, device_map=None, **kwargs):
     qc = quantization_config_dict(getattr(config, "quantization_config", None))
     if _method(qc) != "gptq":
         raise TypeError(f"{model_path} is not a GPTQ checkpoint; pass a quantize_config to quantise a float model first.")
-    logger.info("load: %s with gptqmodel kernel backend=%r (trainable; the auto-picked CPU kernel is inference-only)", model_path, TRAINABLE_BACKEND)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, quantization_config=GPTQConfig(bits=int(qc["bits"]), backend=TRAINABLE_BACKEND), dtype=dtype or torch.float32,
         device_map=device_map, **kwargs
@@ -130,6 +131,7 @@ def load_gptq_model(model_path: str, dtype=None, device_map=None, **kwargs):
     from .gptq_format import install_checkpoint_format_hooks
 
     install_checkpoint_format_hooks(model)  # save_pretrained / push_to_hub write what the config's label says
+    logger.info("load: %s with gptqmodel backend=%r: kernel %s", model_path, TRAINABLE_BACKEND, kernel_summary(model))
     return model
 
 
@@ -144,3 +146,83 @@ def mark_asymmetric(model) -> None:
     hf_quantizer = getattr(model, "hf_quantizer", None)
     if hf_quantizer is not None and hf_quantizer.quantization_config is not qc:
         hf_quantizer.quantization_config.sym = False
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels: which gptqmodel class a layer runs on, and what it can do (docs/gptq_format.md, "Kernels")
+
+
+def _torch_linear_class():
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    return TorchLinear
+
+
+def kernel_trainable(cls) -> bool:
+    """Whether gptqmodel's kernel class ``cls`` trains (its own ``SUPPORTS_TRAINING`` flag: an inference-only kernel
+    raises ``NotImplementedError`` on ``model.train()``)."""
+    return bool(getattr(cls, "SUPPORTS_TRAINING", False))
+
+
+def kernel_mergeable(cls) -> bool:
+    """Whether the merge can read and write the integers of a layer of kernel class ``cls`` in place.
+
+    True for gptqmodel's ``TorchLinear`` and its subclasses (``TritonV2Linear`` on CUDA): they keep ``qweight`` in
+    gptqmodel's packed layout and v2 zero-points in memory at all times.  The other kernels repack the weights
+    for their own matmul, at load time or on their first inference forward (``TorchFusedLinear`` and
+    ``TorchAtenLinear`` / ``TorchCpuAvx512Linear`` into ATen's int4pack, ``TorchInt8Linear``, ExLlama, Marlin),
+    or hold v1 zero-points (``REQUIRES_FORMAT_V2`` false), so what :func:`qalora_hf.gptq_format.read_layer` would
+    unpack is not the checkpoint's integers.
+    """
+    return isinstance(cls, type) and issubclass(cls, _torch_linear_class()) and bool(getattr(cls, "REQUIRES_FORMAT_V2", False))
+
+
+def kernel_classes(model) -> list[type]:
+    """The gptqmodel kernel classes of ``model``'s quantised linear layers, sorted by name."""
+    return sorted({type(m) for m in gptq_layers(model).values()}, key=lambda c: c.__name__)
+
+
+def kernel_summary(model) -> str:
+    """``"TorchLinear (trainable, mergeable)"``: each kernel class of ``model``'s GPTQ layers and what it can do, read
+    from the class (:func:`kernel_trainable`, :func:`kernel_mergeable`)."""
+    parts = []
+    for cls in kernel_classes(model):
+        can = ["trainable" if kernel_trainable(cls) else "inference-only", "mergeable" if kernel_mergeable(cls) else "not mergeable"]
+        parts.append(f"{cls.__name__} ({', '.join(can)})")
+    return ", ".join(parts) or "none (no gptqmodel layers)"
+
+
+_RELOAD_HINT = (
+    'load the model with GPTQConfig(bits=..., backend="torch") (what qalora_hf.load_gptq_model does, and what '
+    "QALoraTrainer does with a checkpoint path)"
+)
+
+
+def check_trainable_kernels(model) -> None:
+    """Refuse a model whose GPTQ layers run on an inference-only gptqmodel kernel, before any training.
+
+    Raises:
+        ValueError: names the kernel class and says how to load a trainable one.
+    """
+    bad = [c.__name__ for c in kernel_classes(model) if not kernel_trainable(c)]
+    if bad:
+        raise ValueError(
+            f"the model's GPTQ layers run on gptqmodel's {', '.join(bad)}, an inference-only kernel (SUPPORTS_TRAINING "
+            f"is false): training would fail at train(). {_RELOAD_HINT[0].upper()}{_RELOAD_HINT[1:]}."
+        )
+
+
+def check_mergeable_kernels(model) -> None:
+    """Refuse a model whose GPTQ layers run on a kernel the merge cannot read (:func:`kernel_mergeable`), before any
+    work.
+
+    Raises:
+        ValueError: names the kernel class and says how to load a mergeable one.
+    """
+    bad = [c.__name__ for c in kernel_classes(model) if not kernel_mergeable(c)]
+    if bad:
+        raise ValueError(
+            f"the model's GPTQ layers run on gptqmodel's {', '.join(bad)}, which repacks the weights for its own matmul "
+            "(or holds v1 zero-points), so the merge cannot read or write its integers. Only TorchLinear layers (and "
+            f"TritonV2Linear on CUDA) can be merged: {_RELOAD_HINT}, then load the adapter with load_qalora_adapter."
+        )

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .gptq import SUPPORTED_BITS  # noqa: F401  (defined with the other GPTQ facts)
+from .gptq import SUPPORTED_BITS, kernel_mergeable  # noqa: F401  (SUPPORTED_BITS: defined with the other GPTQ facts)
 
 
 def _check_bits(bits: int) -> None:
@@ -131,16 +131,17 @@ def read_layer(layer) -> GPTQTensors:
 
     Raises:
         TypeError: ``layer`` has no GPTQ buffers.
-        ValueError: the kernel does not keep v2 zero-points in memory (a v1 inference kernel); load the
-            model with ``GPTQConfig(bits=..., backend="torch")``.
+        ValueError: the kernel does not keep gptqmodel's packed layout and v2 zero-points in memory
+            (:func:`qalora_hf.gptq.kernel_mergeable`: e.g. ``TorchFusedLinear``, which repacks on its first
+            inference forward); load the model with ``GPTQConfig(bits=..., backend="torch")``.
     """
     for name in ("qweight", "qzeros", "scales", "g_idx", "bits"):
         if not hasattr(layer, name):
             raise TypeError(f"{type(layer).__name__} is not a GPTQ layer (no `{name}`).")
-    if not getattr(type(layer), "REQUIRES_FORMAT_V2", False):
+    if not kernel_mergeable(type(layer)):
         raise ValueError(
-            f"{type(layer).__name__} may hold v1 zero-points in memory; load the model with "
-            'GPTQConfig(bits=..., backend="torch") so it holds v2 zero-points.'
+            f"{type(layer).__name__} does not keep gptqmodel's packed qweight and v2 zero-points in memory (it repacks "
+            'them for its own matmul, or holds v1 zero-points); load the model with GPTQConfig(bits=..., backend="torch").'
         )
     bits = int(layer.bits)
     k, n = layer.in_features, layer.out_features
@@ -314,11 +315,12 @@ def count_zero_points_at_0(model) -> int:
     engine that unpacks v1 field by field (``field + 1``, the ExLlama ``gptq`` path of vLLM and SGLang)
     misreads such a group and its neighbours by up to ``2**bits`` steps.  The merge never creates a new 0;
     a base checkpoint may hold some.  The AWQ and GGUF exports store ``z`` itself and are not affected.
+    Counts the layers whose integers can be read (:func:`qalora_hf.gptq.kernel_mergeable`).
     """
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
     total = 0
     for module in model.modules():
-        if isinstance(module, BaseQuantLinear) and getattr(type(module), "REQUIRES_FORMAT_V2", False):
+        if isinstance(module, BaseQuantLinear) and kernel_mergeable(type(module)):
             total += int((read_layer(module).z == 0).sum())
     return total

@@ -36,8 +36,8 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 
 from .adapter import group_delta
-from .data import MODEL_INPUTS
-from .gptq import mark_asymmetric
+from .data import forward_inputs
+from .gptq import check_mergeable_kernels, mark_asymmetric
 from .gptq_format import GPTQTensors, count_zero_points_at_0, install_checkpoint_format_hooks, read_layer, write_layer
 from .scale_distillation import distill_scales, teacher_topk
 from .strategies import STRATEGIES, MergeStrategy, get_strategy  # noqa: F401  (the strategies, as data)
@@ -132,7 +132,9 @@ def collect_hessians(
         model: the model to run (the trained PEFT model, adapters active).
         layer_names: qualified names of the modules whose *input* is recorded.
         batches: dicts of model inputs (``input_ids`` [B, T], optional ``attention_mask`` / ``position_ids``
-            [B, T]; other keys such as ``labels`` are ignored); padded positions (``attention_mask == 0``) are excluded.
+            [B, T] and the packed-sequence boundaries of TRL's padding-free collator; other keys such as ``labels``
+            are ignored), run as the training step runs them (:func:`qalora_hf.data.forward_inputs`: packed rows
+            attend only to themselves); padded positions (``attention_mask == 0``) are excluded.
         on_output: called as ``on_output(batch, logits)`` after each batch (used to record the teacher
             targets of the ``"distill"`` strategy in the same pass).
     """
@@ -164,7 +166,7 @@ def collect_hessians(
             for batch in batches:
                 mask_holder["mask"] = batch.get("attention_mask")
                 shared.clear()
-                out = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
+                out = model(**forward_inputs(batch))
                 if on_output is not None:
                     on_output(batch, out.logits)
     finally:
@@ -387,8 +389,10 @@ def merge_qalora(
 
     Raises:
         TypeError: ``model`` is not a ``PeftModel`` with QA-LoRA layers.
-        ValueError: unknown strategy, a calibrated strategy without calibration, ``distill_steps < 1`` or a
-            ``distill_lr`` that is neither ``"auto"`` nor a positive number.
+        ValueError: unknown strategy, a calibrated strategy without calibration, ``distill_steps < 1``, a
+            ``distill_lr`` that is neither ``"auto"`` nor a positive number, or GPTQ layers on a kernel whose integers
+            cannot be read (:func:`qalora_hf.gptq.check_mergeable_kernels`: load with ``GPTQConfig(backend="torch")``)
+            — all before any work.
     """
     calibration = list(calibration) if calibration is not None else None
     spec, layers = _check_merge_inputs(model, strategy, calibration, hessians, teacher_targets, adapter_name, distill_steps, distill_lr)
@@ -415,6 +419,7 @@ def _check_merge_inputs(model, strategy, calibration, hessians, teacher_targets,
     layers = qalora_layers(model, adapter_name)
     if not layers:
         raise TypeError("the model has no QA-LoRA layers on GPTQ layers (was it built with get_qalora_model?).")
+    check_mergeable_kernels(model)  # e.g. torch_fused repacks on its first eval forward: refuse before any forward
     precomputed = bool(hessians) and (not spec.distill or bool(teacher_targets))
     if spec.needs_calibration and not calibration and not precomputed:
         raise ValueError(

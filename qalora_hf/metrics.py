@@ -17,7 +17,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
-from .data import IGNORE_INDEX, MODEL_INPUTS, token_batches
+from .data import IGNORE_INDEX, forward_inputs, token_batches
 
 # name -> label on the model card, in display order.
 METRIC_LABELS: dict[str, str] = {
@@ -123,13 +123,13 @@ def measure(model, batches: Iterable[dict], *, keep_logits: bool = False,
     kept, max_diff = [], None
     try:
         for i, batch in enumerate(batches):
-            inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+            inputs = forward_inputs(batch, device)  # as the training step runs it (packed rows apart)
             labels = batch.get("labels")
             if labels is None:
                 mask = inputs.get("attention_mask")
                 labels = inputs["input_ids"] if mask is None else inputs["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
             labels = labels.to(device)
-            logits = model(**inputs, use_cache=False).logits.float()
+            logits = model(**inputs).logits.float()
             total += _loss_sum(logits, labels)
             count += int((labels[:, 1:] != IGNORE_INDEX).sum())
             rows += int(inputs["input_ids"].shape[0])
@@ -138,8 +138,7 @@ def measure(model, batches: Iterable[dict], *, keep_logits: bool = False,
                 kept.append(real.cpu())
             if reference is not None:
                 if isinstance(reference, torch.nn.Module):
-                    ref_logits = reference(**{k: v.to(next(reference.parameters()).device) for k, v in inputs.items()},
-                                           use_cache=False).logits.float().to(device)
+                    ref_logits = reference(**forward_inputs(inputs, next(reference.parameters()).device)).logits.float().to(device)
                     ref_total += _loss_sum(ref_logits, labels)
                     ref = _real(inputs, ref_logits)
                 else:

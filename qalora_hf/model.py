@@ -81,6 +81,28 @@ def _register(lora_config: LoraConfig) -> LoraConfig:
     return lora_config
 
 
+def check_not_peft(model) -> None:
+    """Refuse a model that PEFT has already wrapped or injected adapter layers into.
+
+    Raises:
+        ValueError: says what to pass instead (the GPTQ base model; a saved QA-LoRA adapter goes through
+            :func:`load_qalora_adapter`).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = isinstance(model, PeftModel)
+    if wrapped or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        what = f"a {type(model).__name__}" if wrapped else "a model with PEFT adapter layers injected"
+        raise ValueError(
+            f"got {what}: QA-LoRA adds its own adapters to the GPTQ base model, and PEFT cannot wrap a model twice. "
+            "Pass the GPTQ model itself (loaded with qalora_hf.load_gptq_model, or GPTQConfig(bits=..., backend=\"torch\")), "
+            "or its checkpoint path to QALoraTrainer, with the adapter options in qalora_config=QALoraConfig(...). "
+            "To continue a QALoraTrainer run, pass the base again and call trainer.train(resume_from_checkpoint=...); to "
+            "merge a loaded QA-LoRA adapter, call merge_qalora(peft_model) (or `qalora-hf merge`); model.unload() gives "
+            "the base back without adapters."
+        )
+
+
 def get_qalora_model(model, config: Optional[QALoraConfig] = None, adapter_name: str = "default") -> PeftModel:
     """Wrap a transformers GPTQ model with QA-LoRA adapters on every targeted quantised layer.
 
@@ -97,9 +119,11 @@ def get_qalora_model(model, config: Optional[QALoraConfig] = None, adapter_name:
 
     Raises:
         TypeError: not a GPTQ model (float, bitsandbytes, AWQ, ...).
-        ValueError: unsupported bits, group size mismatch, ``in_features`` not a multiple of the group
-            size, or a target that matches nothing or a non-GPTQ layer.
+        ValueError: a model already wrapped by PEFT (a ``PeftModel``, or one with PEFT adapter layers injected),
+            unsupported bits, group size mismatch, ``in_features`` not a multiple of the group size, or a target
+            that matches nothing or a non-GPTQ layer.
     """
+    check_not_peft(model)
     config = config or QALoraConfig()
     lora_config, names = _lora_config_for(model, config)
     install_checkpoint_format_hooks(model)  # so the merged model's save_pretrained writes a correct checkpoint
@@ -124,8 +148,9 @@ def load_qalora_adapter(model, adapter_path: str, is_trainable: bool = False, ad
 
     Raises:
         ValueError: the adapter is not a QA-LoRA adapter (``use_qalora`` false), a stock PEFT adapter on an
-            act-order base, or it does not fit the model.
+            act-order base, it does not fit the model, or ``model`` is already wrapped by PEFT.
     """
+    check_not_peft(model)
     raw = _read_adapter_config(adapter_path, subfolder=kwargs.get("subfolder"), revision=kwargs.get("revision"))
     pooling = raw.pop(POOLING_KEY, None)
     lora_config = LoraConfig.from_peft_type(**raw)

@@ -22,7 +22,7 @@ import torch
 
 from .card import build_model_card, plot_training_loss
 from .export import export_gptq
-from .gptq import gptq_settings
+from .gptq import check_mergeable_kernels, gptq_settings
 from .hub import push_gptq_to_hub
 from .merge import MergeReport, get_strategy, merge_qalora
 from .metrics import METRIC_LABELS, format_metric, measure, merge_metrics
@@ -157,7 +157,8 @@ def merge_measure_export(
         strategy: the merge strategy (:data:`qalora_hf.merge.STRATEGIES`).
         calibration: batches for the merge (dicts of ``input_ids`` [B, T] and optional ``attention_mask`` /
             ``position_ids`` / ``labels``, on the model's device): ``qalora_hf.data.token_batches`` or a trainer's
-            collated batches.
+            collated batches.  Every forward (measurements, statistics, distillation) runs them as the training
+            step does (:func:`qalora_hf.data.forward_inputs`): packed rows attend only to themselves.
         holdout: batches in the same form for the measurements; empty = no measurements.
         holdout_source: where the held-out rows come from (recorded as ``holdout_source``).
         adapter_dir: the adapter as saved by ``save_pretrained`` (copied into ``adapter/`` of the export: only
@@ -174,8 +175,9 @@ def merge_measure_export(
         :class:`PipelineResult`.
 
     Raises:
-        ValueError: unknown strategy, a calibrated strategy without calibration (from ``merge_qalora``), or a card
-            that would publish a token or a local path — all before any model work; a file that would be published
+        ValueError: unknown strategy, a calibrated strategy without calibration (from ``merge_qalora``), a card
+            that would publish a token or a local path, or GPTQ layers on a kernel the merge cannot read
+            (:func:`qalora_hf.gptq.check_mergeable_kernels`) — all before any model work; a file that would be published
             with a pickle or a token (nothing is written then).
         FileExistsError: ``export_dir`` is not empty and ``overwrite`` is False (before any work).
         TypeError: ``model`` is not a QA-LoRA ``PeftModel`` on a GPTQ model.
@@ -186,6 +188,7 @@ def merge_measure_export(
         raise FileExistsError(f"{target} exists and is not empty; choose another export directory or pass overwrite=True.")
     card.check()
     gptq_settings(model)  # TypeError for a model that is not GPTQ, before any work
+    check_mergeable_kernels(model)  # before the measurements: torch_fused repacks on its first eval forward
     holdout = list(holdout)
     if spec.needs_calibration and not calibration and "hessians" not in (merge_kwargs or {}):
         raise ValueError(f"strategy='{spec.name}' needs calibration batches (a few hundred training rows), or use strategy='round'.")

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .data import MODEL_INPUTS
+from .data import forward_inputs
 from .gptq_format import read_layer, write_layer
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ class TeacherTargets:
     """Top-``k`` teacher log-probabilities of one calibration batch.
 
     Attributes:
-        batch: the model inputs (``input_ids`` [B, T] int64, optional ``attention_mask`` / ``position_ids`` [B, T]).
+        batch: the model inputs (``input_ids`` [B, T] int64, optional ``attention_mask`` / ``position_ids`` [B, T]
+            and the packed-sequence boundaries of :data:`qalora_hf.data.PACKED_SEQUENCE_INPUTS`).
         positions: bool [B, T], the positions that are distilled (non-padding).
         logprobs: fp16 [P, k], log-softmax of the teacher's logits at those positions (nats).
         indices: int32 [P, k], the token ids of those log-probabilities.
@@ -61,7 +62,7 @@ def teacher_topk(batch: dict, logits: torch.Tensor, k: int = 32) -> TeacherTarge
     logp = torch.log_softmax(logits.detach().float(), dim=-1)[positions.to(logits.device)]
     vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
     rest = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
-    inputs = {key: v.detach() for key, v in batch.items() if key in MODEL_INPUTS}
+    inputs = {key: v.detach() if isinstance(v, torch.Tensor) else v for key, v in forward_inputs(batch).items() if key != "use_cache"}
     return TeacherTargets(inputs, positions, vals.to(torch.float16).cpu(), idx.to(torch.int32).cpu(), rest.cpu())
 
 
@@ -224,7 +225,7 @@ def distill_scales(
                 rng.shuffle(order)
             t = targets[order.pop()]
             with torch.enable_grad():
-                out = model(**{k: v.to(in_dev) for k, v in t.batch.items()})
+                out = model(**forward_inputs(t.batch, in_dev))  # the teacher's forward: packed rows stay apart
                 dev = out.logits.device
                 logp = torch.log_softmax(out.logits.float()[t.positions.to(dev)], dim=-1)  # [P, V]
                 kl = topk_kl(t.logprobs.to(dev).float(), logp.gather(-1, t.indices.to(dev).long()), t.rest.to(dev))

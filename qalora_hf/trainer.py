@@ -9,12 +9,14 @@ from typing import Optional, Union
 
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
+from transformers.trainer_utils import enable_full_determinism, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from .card import source_license, training_args_summary
 from .config import QALoraConfig
-from .data import collated_batches, row_to_text
-from .gptq import TRAINABLE_BACKEND, gptq_layers, gptq_settings, is_gptq_checkpoint, load_gptq_model
+from .data import collated_batches, prompt_length, row_to_text
+from .gptq import (check_mergeable_kernels, check_trainable_kernels, gptq_settings, is_gptq_checkpoint, kernel_summary,
+                   load_gptq_model)
 from .model import get_qalora_model
 from .pipeline import CardInfo, merge_measure_export
 from .quantize import QuantizeConfig, quantize_model
@@ -45,11 +47,8 @@ def _check_dataset(name: str, dataset, formatting_func) -> None:
 def _check_prompt_lengths(dataset, tokenizer, max_length: Optional[int]) -> None:
     if max_length is None or dataset is None or "prompt" not in (dataset.column_names or []):
         return
-    longest = 0
-    for row in dataset.select(range(min(len(dataset), 2000))):
-        p = row["prompt"]
-        text = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
-        longest = max(longest, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    # Counted as TRL tokenises the row (qalora_hf.data.encode_row): with the BOS a tokenizer adds to plain text.
+    longest = max((prompt_length(row, tokenizer) for row in dataset.select(range(min(len(dataset), 2000)))), default=0)
     if longest >= max_length:
         raise ValueError(
             f"max_length={max_length} is not longer than the longest prompt ({longest} tokens): the completion would be "
@@ -63,7 +62,9 @@ class QALoraTrainer(SFTTrainer):
     Args:
         model: a GPTQ checkpoint path / Hub id (loaded with gptqmodel's trainable ``torch`` kernel), a
             float model path / id together with ``quantize_config`` (GPTQ-quantised first with
-            gptqmodel on training rows, cached on disk), or an already loaded GPTQ ``PreTrainedModel``.
+            gptqmodel on training rows, cached on disk), or an already loaded GPTQ ``PreTrainedModel`` (not wrapped
+            by PEFT; on a trainable gptqmodel kernel, and with ``merge_at_end`` one the merge can read:
+            ``GPTQConfig(bits=..., backend="torch")``, docs/gptq_format.md "Kernels").
         args: a :class:`~qalora_hf.QALoraSFTConfig` (a plain ``SFTConfig`` is converted, with the QA-LoRA options at
             their defaults): the SFT options plus the merge's (``merge_at_end``, ``merge_strategy``,
             ``num_calibration_rows``, ``num_holdout_rows``, ``export_dir``, ``model_card_datasets``, ``float_model_id``).
@@ -74,12 +75,16 @@ class QALoraTrainer(SFTTrainer):
 
     With ``merge_at_end`` (default), :class:`~qalora_hf.callbacks.QALoraMergeCallback` calls :meth:`merge_and_export`
     when training ends.  With ``args.push_to_hub``, the Trainer's own checkpoint pushes are switched off: only the
-    merged export (with its card and ``adapter/``) is pushed, to the main branch of ``args.hub_model_id``.
+    merged export (with its card and ``adapter/``) is pushed, to the main branch of ``args.hub_model_id``;
+    :meth:`push_to_hub` pushes that same export.  ``args.seed`` (``full_determinism`` too) is applied before the
+    adapters are made: the same seed gives the same adapters and losses.
 
     Raises:
         ValueError: ``peft_config`` given, an empty dataset, a dataset without SFT columns, a float model
-            without ``quantize_config``, a ``max_length`` not longer than the prompts, or a group size
-            the adapter cannot match — all before any quantisation or training.
+            without ``quantize_config``, a ``max_length`` not longer than the prompts (counted as TRL tokenises
+            them, BOS included), or a group size the adapter cannot match — all before any quantisation or
+            training; a model already wrapped by PEFT, or GPTQ layers on an inference-only kernel (or, with
+            ``merge_at_end``, on one the merge cannot read) — before training.
     """
 
     def __init__(
@@ -105,6 +110,11 @@ class QALoraTrainer(SFTTrainer):
             args = QALoraSFTConfig(output_dir="qalora-output")
         elif not isinstance(args, QALoraSFTConfig):
             args = QALoraSFTConfig.from_sft_config(args)
+        # Seed before anything random happens here (the adapters' init), as transformers' Trainer and TRL do.
+        if args.full_determinism:
+            enable_full_determinism(args.seed)
+        else:
+            set_seed(args.seed)
         if args.push_to_hub and not args.hub_model_id:  # before any quantisation or training
             raise ValueError("push_to_hub=True needs hub_model_id='namespace/name'.")
         qalora_config = qalora_config or QALoraConfig()
@@ -146,8 +156,10 @@ class QALoraTrainer(SFTTrainer):
             base_path = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
             float_model = None
         gptq_settings(model)  # TypeError for a non-GPTQ model, before any work
-
-        kernels = sorted({type(m).__name__ for m in gptq_layers(model).values()})
+        check_trainable_kernels(model)  # an inference-only kernel would only fail at train()
+        if args.merge_at_end:
+            check_mergeable_kernels(model)  # else the merge would fail after training
+        kernels = kernel_summary(model)
         model = get_qalora_model(model, qalora_config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         lora_equiv = sum(
@@ -155,8 +167,8 @@ class QALoraTrainer(SFTTrainer):
             for m in model.modules() if hasattr(m, "qalora_group_size")
         )
         logger.info(
-            "QA-LoRA: kernel %s (backend=%r: trainable); %s trainable parameters vs %s for plain LoRA of the same rank (%.1f%%)",
-            ",".join(kernels), TRAINABLE_BACKEND, f"{trainable:,}", f"{lora_equiv:,}", 100.0 * trainable / max(lora_equiv, 1),
+            "QA-LoRA: kernel %s; %s trainable parameters vs %s for plain LoRA of the same rank (%.1f%%)",
+            kernels, f"{trainable:,}", f"{lora_equiv:,}", 100.0 * trainable / max(lora_equiv, 1),
         )
 
         # Intermediate checkpoints are never pushed: only the merged export lands on the Hub.
@@ -196,6 +208,74 @@ class QALoraTrainer(SFTTrainer):
 
             return {"": PartialState().local_process_index}
         return None
+
+    def push_to_hub(
+        self,
+        commit_message: Optional[str] = "End of training",
+        blocking: bool = True,
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        private: Optional[bool] = None,
+        **kwargs,
+    ):
+        """Push the merged export (``self.export_dir``: the GPTQ v1 checkpoint, its model card, ``adapter/`` and
+        ``merge_report.json``) to ``args.hub_model_id`` with :func:`qalora_hf.hub.push_gptq_to_hub`.
+
+        Replaces transformers' ``Trainer.push_to_hub`` (same arguments), which would upload ``output_dir`` over that
+        repo: the adapter files at its root, ``training_args.bin`` (a pickle), a second copy of the export under
+        ``export/`` and the Trainer's generic card in place of ours.  After a ``train()`` that already pushed
+        (``push_to_hub=True``) it uploads the same files again: the repo stays the export (at most one more commit of
+        the same files).  Only world process zero pushes; the others return None.
+
+        Args:
+            commit_message: commit title (None: ``push_gptq_to_hub``'s default).
+            blocking: False returns a ``concurrent.futures.Future`` of the commit id (huggingface_hub's
+                ``HfApi.run_as_future``) instead of waiting for the upload.
+            token: Hub token (default ``args.hub_token``, else ``HF_TOKEN`` or the stored login).
+            revision: branch to commit to, created from ``main`` when missing (default ``main``).
+            private: create the repo as private (default ``args.hub_private_repo``; no effect on an existing repo).
+            kwargs: transformers' model-card options (``model_name``, ``tags``, ``finetuned_from``, ``dataset``, ...):
+                not used, with a warning. The export's card was written by the merge from its measurements and is
+                pushed as it is (``model_card_datasets`` sets its datasets).
+
+        Returns:
+            The id (40-hex sha) of the commit holding the upload, or its ``Future`` when ``blocking=False``.
+
+        Raises:
+            ValueError: nothing merged yet (``train()`` not run, or ``merge_at_end=False``: call
+                :meth:`merge_and_export` first, or merge a saved adapter with ``qalora-hf merge``), or no
+                ``hub_model_id`` — before any request.
+            qalora_hf.hub.HubPushError: the push failed (token-free message).
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        if not self.is_world_process_zero():
+            return None
+        push = self.qalora_push or {}
+        repo_id = push.get("repo_id") or self.args.hub_model_id
+        if self.merge_report is None:
+            raise ValueError(
+                "trainer.push_to_hub() publishes the merged GPTQ export, and nothing has been merged yet "
+                f"({'merge_at_end=False' if not self.args.merge_at_end else 'train() has not finished'}). Call "
+                "trainer.merge_and_export() first (train() does it with merge_at_end=True), or merge a saved adapter with "
+                "`qalora-hf merge --base BASE --adapter DIR --output-dir OUT --push-to-hub REPO_ID`."
+            )
+        if not repo_id:
+            raise ValueError("trainer.push_to_hub() needs hub_model_id='namespace/name' in the training arguments.")
+        if kwargs:
+            logger.warning("push_to_hub: %s not used: the export's model card, written by the merge, is pushed as it is.",
+                           ", ".join(sorted(kwargs)))
+        from .hub import push_gptq_to_hub
+
+        push_kwargs = dict(
+            private=bool(push.get("private", self.args.hub_private_repo) if private is None else private),
+            revision=revision, token=token or push.get("token") or self.args.hub_token,
+            **({"commit_message": commit_message} if commit_message else {}),
+        )
+        if not blocking:
+            from huggingface_hub import HfApi
+
+            return HfApi().run_as_future(push_gptq_to_hub, self.export_dir, repo_id, **push_kwargs)
+        return push_gptq_to_hub(self.export_dir, repo_id, **push_kwargs)
 
     def merge_and_export(self) -> Path:
         """Merge the adapters into the GPTQ integers, measure, export (and push): :func:`qalora_hf.pipeline.merge_measure_export`
