@@ -139,15 +139,18 @@ def check_writable_dir(path: Union[str, os.PathLike], what: str = "output_dir", 
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise ValueError(f"{what} {path} exists and is not a directory; choose a directory.")
-    where = _nearest_existing(p.parent if for_rename else p)
-    if not where.is_dir():
-        raise ValueError(f"{what} {path}: {where} is not a directory; choose another {what}.")
-    try:
-        probe = tempfile.mkdtemp(prefix=".qalora-write-probe-", dir=where)
-        os.rmdir(probe)
-    except OSError as err:
-        raise ValueError(f"{what} {path} cannot be written ({err.strerror or err} in {where}); choose a directory on a "
-                         "writable disk.") from None
+    places = [_nearest_existing(p.parent if for_rename else p)]
+    if for_rename and p.is_dir():
+        places.append(p)  # replaced by a rename, and its old files removed: it must be writable too
+    for where in places:
+        if not where.is_dir():
+            raise ValueError(f"{what} {path}: {where} is not a directory; choose another {what}.")
+        try:
+            probe = tempfile.mkdtemp(prefix=".qalora-write-probe-", dir=where)
+            os.rmdir(probe)
+        except OSError as err:
+            raise ValueError(f"{what} {path} cannot be written ({err.strerror or err} in {where}); choose a directory "
+                             "on a writable disk.") from None
     return p
 
 

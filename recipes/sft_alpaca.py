@@ -78,16 +78,26 @@ def _resolve(path: str, sub: str) -> str:
 
 
 def _run_key(script_args: ScriptArguments, training_args: QALoraSFTConfig, model_args: ModelConfig) -> dict:
-    """What a finished run in output_dir must match for a rerun to count as the same run."""
-    return {"model_name_or_path": model_args.model_name_or_path, "dataset_path": script_args.dataset_path,
-            "max_steps": training_args.max_steps, "num_train_epochs": training_args.num_train_epochs}
+    """What a finished run in output_dir must match for a rerun to count as the same run (else: refused, see
+    :func:`finished_run`): the model, the data, the quantisation, the adapter, the length of training and the merge."""
+    lora_targets = model_args.lora_target_modules
+    return {
+        "model_name_or_path": model_args.model_name_or_path, "dataset_path": script_args.dataset_path,
+        "max_train_rows": script_args.max_train_rows, "num_holdout_rows": training_args.num_holdout_rows,
+        **{k: getattr(script_args, k) for k in QUANTIZE_DEFAULTS},
+        "lora_r": model_args.lora_r, "lora_alpha": model_args.lora_alpha,
+        "lora_target_modules": list(lora_targets) if isinstance(lora_targets, (list, tuple)) else lora_targets,
+        "max_steps": training_args.max_steps, "num_train_epochs": training_args.num_train_epochs,
+        "learning_rate": training_args.learning_rate, "seed": training_args.seed,
+        "merge_at_end": training_args.merge_at_end, "merge_strategy": training_args.merge_strategy,
+    }
 
 
 def finished_run(output_dir: str, key: dict, merge_at_end: bool) -> Optional[dict]:
     """The ``run_info.json`` of a finished run of the same ``key`` in ``output_dir`` (its export present), or None.
 
     Raises:
-        SystemExit: ``output_dir`` holds a finished run with other settings (model, dataset, max_steps, epochs).
+        SystemExit: ``output_dir`` holds a finished run with other settings (:func:`_run_key`).
     """
     path = Path(output_dir, RUN_INFO)
     try:
@@ -276,7 +286,8 @@ def _training_finished(checkpoint: Path, training_args) -> bool:
     return planned > 0 and step >= planned and (training_args.max_steps <= 0 or training_args.max_steps == planned)
 
 
-if __name__ == "__main__":
+def cli(argv: Optional[list[str]] = None) -> None:
+    """Parse ``argv`` (default ``sys.argv[1:]``: YAML ``--config`` plus overrides) and run :func:`main`."""
     import torch
 
     # Several ranks (torchrun / accelerate's multi-process launcher) without a CUDA device: DDP over gloo on CPU.
@@ -285,7 +296,11 @@ if __name__ == "__main__":
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     parser = TrlParser((ScriptArguments, QALoraSFTConfig, ModelConfig))
     try:
-        script_args, training_args, model_args = parser.parse_args_and_config()
-    except ValueError as err:  # a config field's __post_init__ check (hub_model_id, merge_strategy, ...)
+        script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    except ValueError as err:  # a field's __post_init__ check (hub_model_id, merge_strategy, ...) or a bad YAML file
         raise SystemExit(f"sft_alpaca: error: {str(err).splitlines()[0]}") from None
     main(script_args, training_args, model_args)
+
+
+if __name__ == "__main__":
+    cli()
