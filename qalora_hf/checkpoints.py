@@ -6,6 +6,7 @@ fail with "Can't find a valid checkpoint" until the directory is deleted by hand
 checkpoint in this order: the model (adapter) files, ``optimizer.pt`` / ``scheduler.pt`` / ``rng_state*.pth``,
 then ``trainer_state.json`` (``Trainer._save_checkpoint``), so a checkpoint is complete when its
 ``trainer_state.json`` parses and names step N, and every file before it reads back whole.
+:func:`checkpoint_mismatch` tells whether a complete checkpoint belongs to the model about to resume from it.
 """
 
 from __future__ import annotations

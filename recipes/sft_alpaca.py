@@ -10,15 +10,18 @@ newest *complete* checkpoint automatically (``qalora_hf.checkpoints``); merge, m
 (``QALoraMergeCallback``, main process only); write ``run_info.json`` (atomically, after the export: the marker of a
 finished run).
 
-Reruns (docs/reliability.md): a finished run of the same model, dataset and ``max_steps`` / ``num_train_epochs``
-says so and exits without training or exporting; one that trained to the end but has no export (killed during the
-merge, push failed) exports from its final checkpoint without training; ``--retrain`` starts over.  Every input is
-checked before any model is loaded; a bad one ends with one line ``sft_alpaca: error: ...``.  The adapter's options are ``ModelConfig``'s ``lora_r`` / ``lora_alpha`` /
-``lora_dropout`` / ``lora_target_modules``; the merge's and the model card's are ``QALoraSFTConfig``'s.
+Reruns (docs/reliability.md): a finished run with the same settings (model, data, quantisation, adapter, length
+of training, merge) says so and exits without training or exporting, one with other settings is refused; one that
+trained to the end but has no export (killed during the merge, push failed) exports from its final checkpoint
+without training; ``--retrain`` starts over.  Every input is checked before any model is loaded; a bad one ends
+with one line ``sft_alpaca: error: ...``.  The adapter's options are ``ModelConfig``'s ``lora_r`` /
+``lora_alpha`` / ``lora_dropout`` / ``lora_target_modules``; the merge's and the model card's are
+``QALoraSFTConfig``'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -109,7 +112,7 @@ def finished_run(output_dir: str, key: dict, merge_at_end: bool) -> Optional[dic
     differ = {k: (info.get("run", {}).get(k), v) for k, v in key.items() if info.get("run", {}).get(k) != v}
     if differ:
         raise SystemExit(
-            f"--output_dir {output_dir} holds a finished run with other settings ("
+            f"sft_alpaca: error: --output_dir {output_dir} holds a finished run with other settings ("
             + ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differ.items())
             + "); pass --retrain to train again from scratch there, or choose another --output_dir."
         )
@@ -124,113 +127,109 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(script_args: ScriptArguments, training_args: QALoraSFTConfig, model_args: ModelConfig):
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
-    for noisy in ("httpx", "httpcore", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logger = logging.getLogger("sft_alpaca")
-    try:  # every input check, and the model / trainer set-up: a bad input ends in one line, before any training
-        prepared = _prepare(script_args, training_args, model_args, logger)
-    except (ValueError, OSError) as err:  # OSError: a model or file that cannot be read (no such repo, offline, ...)
+@contextlib.contextmanager
+def one_line_errors(logger):
+    """A ``ValueError`` / ``OSError`` inside (a bad input, a model or file that cannot be read) ends the run with one
+    line ``sft_alpaca: error: ...`` (the traceback at DEBUG level)."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
         logger.debug("input error", exc_info=True)
         raise SystemExit(f"sft_alpaca: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    if prepared is None:
-        return
-    trainer, data_path, n_holdout, key = prepared
-    _train_and_export(trainer, script_args, training_args, logger, data_path=data_path, n_holdout=n_holdout, key=key)
 
 
-def _prepare(script_args, training_args, model_args, logger):
-    """Check the inputs, load the data, decide whether there is anything to do, build the trainer.  None: done."""
+def main(script_args: ScriptArguments, training_args: QALoraSFTConfig, model_args: ModelConfig):
     from datasets import Dataset
 
     from qalora_hf import QALoraConfig, QALoraTrainer
+    from qalora_hf.checkpoints import checkpoint_global_step, checkpoint_mismatch, checkpoints, last_complete_checkpoint
     from qalora_hf.checks import check_alpaca_rows, check_model_source, check_quantize_options, check_revision
     from qalora_hf.data import alpaca_prompt_completion, read_rows
     from qalora_hf.gptq import quantization_config_dict
     from qalora_hf.quantize import QuantizeConfig
 
-    # ---- data: Alpaca rows -> prompt/completion with the Alpaca template; the last rows held out
-    data_path = _resolve(script_args.dataset_path, "data")
-    if not os.path.exists(data_path):
-        raise ValueError(f"dataset {script_args.dataset_path} not found; run `python -m demo.fetch` or pass --dataset_path.")
-    rows = read_rows(data_path)  # ValueError: no such file, invalid JSON, rows of no known format
-    if not all({"instruction", "output"} <= row.keys() for row in rows):
-        raise ValueError(f"{data_path} holds rows without 'instruction'/'output'; this recipe trains on Alpaca rows "
-                         "(instruction, input, output).")
-    check_alpaca_rows(rows, data_path)  # e.g. output: null, named by row, before any model is loaded
-    ds = Dataset.from_list([dict(zip(("prompt", "completion"), alpaca_prompt_completion(r))) for r in rows])
-    n_holdout = training_args.num_holdout_rows
-    if n_holdout >= len(ds):
-        raise ValueError(f"num_holdout_rows={n_holdout} leaves no training rows ({len(ds)} in all).")
-    n_train = len(ds) - n_holdout
-    train_ds, eval_ds = ds.select(range(n_train)), (ds.select(range(n_train, len(ds))) if n_holdout else None)
-    if script_args.max_train_rows:
-        train_ds = train_ds.select(range(min(script_args.max_train_rows, len(train_ds))))
-    logger.info("data: %d training rows, %d held-out rows from %s", len(train_ds), n_holdout, Path(data_path).name)
-
-    # ---- model: a GPTQ checkpoint as is, a float model quantised first (cached); QA-LoRA from ModelConfig's lora_*
-    if not model_args.model_name_or_path:
-        raise ValueError("pass --model_name_or_path (a GPTQ checkpoint, or a float model to quantise first).")
-    check_revision(model_args.model_revision, "--model_revision")
-    if model_args.model_revision != "main":
-        raise ValueError(f"--model_revision {model_args.model_revision}: this recipe loads a model's default revision; "
-                         "download the revision you want (huggingface-cli download ... --revision) and pass its directory.")
-    model_path = _resolve(model_args.model_name_or_path, "models")
-    if not os.path.exists(model_path) and "/" not in model_path:
-        raise ValueError(f"--model_name_or_path {model_args.model_name_or_path}: no such directory, here or in the cache "
-                         "(python -m demo.fetch); give a model directory or a Hub repo id 'namespace/name'.")
-    check_model_source(model_path, "--model_name_or_path")
-    qalora_config = QALoraConfig.from_model_config(model_args)  # r=4.5 and other bad adapter options fail here
-
-    from transformers import AutoConfig
-
-    qc = quantization_config_dict(getattr(AutoConfig.from_pretrained(model_path), "quantization_config", None))
-    requested = {k: getattr(script_args, k) for k in QUANTIZE_DEFAULTS}
-    quantize_config = None
-    if str(qc.get("quant_method", "")).lower().endswith("gptq"):
-        check_quantize_options(qc, requested, model_path, how="leave --bits/--group_size/--desc_act/--sym out")
-    else:
-        if not script_args.quantize:
-            raise ValueError(f"{model_path} is a float model and --quantize is false; pass a GPTQ checkpoint or --quantize true.")
-        options = {k: QUANTIZE_DEFAULTS[k] if v is None else v for k, v in requested.items()}
-        quantize_config = QuantizeConfig(**options, num_calibration_rows=training_args.num_calibration_rows,
-                                         true_sequential=script_args.gptq_true_sequential)
-
-    # ---- a finished run of the same settings: nothing to do (unless --retrain)
-    key = _run_key(script_args, training_args, model_args)
-    if not script_args.retrain:
-        info = finished_run(training_args.output_dir, key, training_args.merge_at_end)
-        if info is not None:
-            logger.info("run already finished in %s (%s steps%s); nothing to do. Pass --retrain to train again from scratch.",
-                        training_args.output_dir, info.get("global_step"),
-                        f", export {info['export_dir']}" if info.get("export_dir") else "")
-            return None
-
-    # ---- trainer (its own checks run before it quantises or loads anything)
-    trainer = QALoraTrainer(
-        model=model_path, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-        qalora_config=qalora_config, quantize_config=quantize_config,
-    )
-    return trainer, data_path, n_holdout, key
-
-
-def _train_and_export(trainer, script_args, training_args, logger, *, data_path, n_holdout, key):
-    """Resume or start training (or only export a run trained to the end), then write run_info.json."""
-    from qalora_hf.checkpoints import checkpoint_global_step, checkpoint_mismatch, checkpoints, last_complete_checkpoint
-
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+    for noisy in ("httpx", "httpcore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logger = logging.getLogger("sft_alpaca")
     out = Path(training_args.output_dir)
+
+    with one_line_errors(logger):  # every input is checked before any model is loaded
+        # ---- data: Alpaca rows -> prompt/completion with the Alpaca template; the last rows held out
+        data_path = _resolve(script_args.dataset_path, "data")
+        if not os.path.exists(data_path):
+            raise ValueError(f"dataset {script_args.dataset_path} not found; run `python -m demo.fetch` or pass --dataset_path.")
+        rows = read_rows(data_path)  # no such file, invalid JSON, rows of no known format
+        if not all({"instruction", "output"} <= row.keys() for row in rows):
+            raise ValueError(f"{data_path} holds rows without 'instruction'/'output'; this recipe trains on Alpaca rows "
+                             "(instruction, input, output).")
+        check_alpaca_rows(rows, data_path)  # e.g. output: null, named by its row
+        ds = Dataset.from_list([dict(zip(("prompt", "completion"), alpaca_prompt_completion(r))) for r in rows])
+        n_holdout = training_args.num_holdout_rows
+        if n_holdout >= len(ds):
+            raise ValueError(f"num_holdout_rows={n_holdout} leaves no training rows ({len(ds)} in all).")
+        n_train = len(ds) - n_holdout
+        train_ds, eval_ds = ds.select(range(n_train)), (ds.select(range(n_train, len(ds))) if n_holdout else None)
+        if script_args.max_train_rows:
+            train_ds = train_ds.select(range(min(script_args.max_train_rows, len(train_ds))))
+        logger.info("data: %d training rows, %d held-out rows from %s", len(train_ds), n_holdout, Path(data_path).name)
+
+        # ---- model: a GPTQ checkpoint as is, a float model quantised first (cached); QA-LoRA from ModelConfig's lora_*
+        if not model_args.model_name_or_path:
+            raise ValueError("pass --model_name_or_path (a GPTQ checkpoint, or a float model to quantise first).")
+        check_revision(model_args.model_revision, "--model_revision")
+        if model_args.model_revision != "main":
+            raise ValueError(f"--model_revision {model_args.model_revision}: this recipe loads a model's default revision; "
+                             "download the revision you want (hf download ... --revision) and pass its directory.")
+        model_path = _resolve(model_args.model_name_or_path, "models")
+        if not os.path.exists(model_path) and "/" not in model_path:
+            raise ValueError(f"--model_name_or_path {model_args.model_name_or_path}: no such directory, here or in the "
+                             "cache (python -m demo.fetch); give a model directory or a Hub repo id 'namespace/name'.")
+        check_model_source(model_path, "--model_name_or_path")
+        qalora_config = QALoraConfig.from_model_config(model_args)  # r=4.5 and other bad adapter options fail here
+        from transformers import AutoConfig
+
+        qc = quantization_config_dict(getattr(AutoConfig.from_pretrained(model_path), "quantization_config", None))
+        requested = {k: getattr(script_args, k) for k in QUANTIZE_DEFAULTS}
+        quantize_config = None
+        if str(qc.get("quant_method", "")).lower().endswith("gptq"):
+            check_quantize_options(qc, requested, model_path, how="leave --bits/--group_size/--desc_act/--sym out")
+        else:
+            if not script_args.quantize:
+                raise ValueError(f"{model_path} is a float model and --quantize is false; pass a GPTQ checkpoint or "
+                                 "--quantize true.")
+            options = {k: QUANTIZE_DEFAULTS[k] if v is None else v for k, v in requested.items()}
+            quantize_config = QuantizeConfig(**options, num_calibration_rows=training_args.num_calibration_rows,
+                                             true_sequential=script_args.gptq_true_sequential)
+
+        # ---- a finished run with the same settings: nothing to do (unless --retrain)
+        key = _run_key(script_args, training_args, model_args)
+        if not script_args.retrain:
+            info = finished_run(out, key, training_args.merge_at_end)
+            if info is not None:
+                logger.info("run already finished in %s (%s steps%s); nothing to do. Pass --retrain to train again from "
+                            "scratch.", out, info.get("global_step"),
+                            f", export {info['export_dir']}" if info.get("export_dir") else "")
+                return
+
+        # ---- trainer (its own checks run before it quantises or loads anything)
+        trainer = QALoraTrainer(
+            model=model_path, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+            qalora_config=qalora_config, quantize_config=quantize_config,
+        )
+
+    # ---- --retrain: only now that every check has passed, the old run's checkpoints and marker go
     is_main = trainer.accelerator.is_main_process
     if script_args.retrain:
         if is_main:
             for path in checkpoints(out):
                 logger.info("--retrain: deleting %s", path)
                 shutil.rmtree(path)
-            if (out / RUN_INFO).exists():
-                (out / RUN_INFO).unlink()
+            (out / RUN_INFO).unlink(missing_ok=True)
         trainer.accelerator.wait_for_everyone()
 
-    # ---- resume from the newest COMPLETE checkpoint (a half-written newer one is skipped, with a warning)
+    # ---- train, resuming from the newest COMPLETE checkpoint (a half-written newer one is skipped, with a warning);
+    #      merge -> export -> push run in QALoraMergeCallback
     last = last_complete_checkpoint(out)
     if last is not None:
         problem = checkpoint_mismatch(last, trainer.accelerator.unwrap_model(trainer.model))
@@ -238,14 +237,13 @@ def _train_and_export(trainer, script_args, training_args, logger, *, data_path,
             raise SystemExit(f"sft_alpaca: error: --output_dir {out} holds {last.name} of another run ({problem}); "
                              "it would be resumed from. Choose another --output_dir, or pass --retrain to delete its "
                              "checkpoints and train from scratch there.")
-    finished = last is not None and _training_finished(last, training_args)
-    if finished:
+    if last is not None and _training_finished(last, training_args):
         # Trained to the end, but no export (killed during the merge, or the push failed): export, don't train again.
         from transformers import TrainerState
 
         logger.info("training already finished in %s (step %d); exporting it without training again", last,
                     checkpoint_global_step(last))
-        trainer.state = TrainerState.load_from_json(str(last / "trainer_state.json"))
+        trainer.state = TrainerState.load_from_json(str(last / "trainer_state.json"))  # log history: the loss plot
         model = trainer.accelerator.unwrap_model(trainer.model)
         model.load_adapter(str(last), adapter_name=model.active_adapter, is_trainable=True)
         if training_args.merge_at_end and trainer.is_world_process_zero():
@@ -256,7 +254,8 @@ def _train_and_export(trainer, script_args, training_args, logger, *, data_path,
             logger.info("resuming from %s", last)
         trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
 
-    # ---- run_info.json (main process), written after the export: the marker of a finished run
+    # ---- run_info.json (main process), written atomically after the export: the marker of a finished run, and what
+    #      the demo's fresh-process report reads
     if is_main:
         info = {
             "finished": True,
