@@ -553,6 +553,10 @@ def test_adapter_records_its_base_and_another_base_is_refused(adapter_on_base_a,
 
     same = load_gptq(gptq_checkpoint(4), 4)
     assert base_fingerprint(same, recorded["layers"])["sha256"] == recorded["sha256"]  # a fresh load: the same digest
+    from qalora_hf.gptq import load_gptq_model
+
+    bf16 = load_gptq_model(str(gptq_checkpoint(4)), dtype=torch.bfloat16)  # trained in bf16, merged in fp32: the same base
+    assert base_fingerprint(bf16, recorded["layers"])["sha256"] == recorded["sha256"]
     load_qalora_adapter(same, str(adapter_on_base_a))  # the base it was trained on: accepted
 
     other = load_gptq(gptq_checkpoint(4, sym=True), 4)  # same shapes, other integers
