@@ -6,6 +6,7 @@ fail with "Can't find a valid checkpoint" until the directory is deleted by hand
 checkpoint in this order: the model (adapter) files, ``optimizer.pt`` / ``scheduler.pt`` / ``rng_state*.pth``,
 then ``trainer_state.json`` (``Trainer._save_checkpoint``), so a checkpoint is complete when its
 ``trainer_state.json`` parses and names step N, and every file before it reads back whole.
+:func:`checkpoint_mismatch` tells whether a complete checkpoint belongs to the model about to resume from it.
 """
 
 from __future__ import annotations
@@ -90,6 +91,52 @@ def last_complete_checkpoint(output_dir: str | Path) -> Optional[Path]:
         if problem is None:
             return path
         logger.warning("not resuming from %s: %s; falling back to the checkpoint before it", path.name, problem)
+    return None
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def checkpoint_mismatch(path: str | Path, model) -> Optional[str]:
+    """Why the adapter of checkpoint ``path`` does not belong to ``model`` (a ``peft.PeftModel``), or ``None``.
+
+    Compared: the adapter's tensors (names and shapes, from the safetensors header, against
+    ``peft.get_peft_model_state_dict(model)``), then the GPTQ base it was trained on (``qalora_base`` in its
+    ``adapter_config.json`` against the model's, see :func:`qalora_hf.model.base_fingerprint`).  A checkpoint of
+    another run in the same ``output_dir`` (another rank ``r``, other ``target_modules``, another base) would
+    otherwise fail inside the Trainer's resume with a size-mismatch traceback, or resume silently onto another base.
+    """
+    from peft import get_peft_model_state_dict
+
+    from .config import BASE_KEY
+
+    path = Path(path)
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        return "no adapter_model.safetensors (not a PEFT adapter checkpoint)"
+    have = _safetensors_shapes(weights)
+    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+        name = (missing or extra)[0]
+        return (f"{len(missing)} adapter tensors missing and {len(extra)} unexpected, e.g. {name}: other "
+                "target_modules or another model")
+    for key in sorted(want):
+        if want[key] != have[key]:
+            return f"{key} has shape {list(have[key])} there, {list(want[key])} here: another lora_r or model"
+    try:
+        recorded = json.loads((path / "adapter_config.json").read_text()).get(BASE_KEY)
+    except (OSError, ValueError):
+        recorded = None
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    current = getattr(config, BASE_KEY, None)
+    if recorded and current and recorded.get("sha256") != current.get("sha256"):
+        return (f"trained on another GPTQ base ({BASE_KEY} sha256 {str(recorded.get('sha256'))[:16]}... there, "
+                f"{str(current.get('sha256'))[:16]}... here)")
     return None
 
 

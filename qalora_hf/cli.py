@@ -3,7 +3,7 @@
 ::
 
     qalora-hf merge --base BASE --adapter ADAPTER_DIR --output-dir OUT [--strategy distill|scales|gptq|round]
-                    [--calibration-file rows.json[l]] [--push-to-hub user/name] ...
+                    [--calibration-file rows.json[l]] [--push-to-hub user/name] [--allow-other-base] ...
     qalora-hf push OUT user/name [--private] [--revision R] [--commit-message M]
     qalora-hf awq GPTQ_DIR_OR_REPO --output-dir OUT_AWQ [--push-to-hub user/name-AWQ] [--gptq-repo-id user/name] ...
     qalora-hf gguf OUT -o model-Q4_1.gguf [--float-type auto|f32|f16|bf16] [--push-to-hub user/name-GGUF] ...
@@ -89,29 +89,46 @@ def _check_adapter(adapter: str) -> dict:
 
 
 def _check_output_dir(output_dir: str, overwrite: bool) -> None:
+    from .checks import check_writable_dir
+
     path = Path(output_dir).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"--output-dir {output_dir} exists and is a file")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UsageError(f"--output-dir {output_dir} exists and is not empty; pass --overwrite or choose another directory")
+    try:  # the export is written beside --output-dir and renamed into place: its parent must take a new directory
+        check_writable_dir(path, "--output-dir", for_rename=True)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _check_repo_id(repo_id: str, flag: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from .checks import check_repo_id
 
     try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise UsageError(f"{flag} {repo_id!r} is not a valid repo id: {str(err).splitlines()[0]}") from None
-    if repo_id.count("/") != 1:
-        raise UsageError(f"{flag} {repo_id!r} must be 'namespace/name'")
+        check_repo_id(repo_id, flag, namespace_required=True)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _check_revision(revision: Optional[str], flag: str) -> None:
+    from .checks import check_revision
+
+    if revision is not None:
+        try:
+            check_revision(revision, flag)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
 
 
 def _read_calibration_rows(path: str) -> list[dict]:
+    from .checks import check_rows
     from .data import read_rows
 
     try:
-        return read_rows(path)
+        rows = read_rows(path)
+        check_rows(rows, path)  # a null text / output, named by row, before the base is loaded
+        return rows
     except ValueError as err:
         raise UsageError(f"--calibration-file {err}") from None
 
@@ -175,7 +192,7 @@ def cmd_merge(args) -> int:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     _log(f"loading QA-LoRA adapter {args.adapter}")
-    model = load_qalora_adapter(model, args.adapter)
+    model = load_qalora_adapter(model, args.adapter, allow_other_base=args.allow_other_base)  # refuses another base
 
     # 3. Calibration rows, and held-out rows (the ones after them) for the before/after measurements, as the recipe
     #    trained on them (qalora_hf.data: Alpaca rows through the Alpaca template).
@@ -220,6 +237,7 @@ def cmd_push(args) -> int:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise UsageError(f"{args.folder}: not an exported model directory (needs config.json)")
     _check_repo_id(args.repo_id, "repo_id")
+    _check_revision(args.revision, "--revision")
     kwargs = {"private": args.private, "revision": args.revision}
     if args.commit_message:
         kwargs["commit_message"] = args.commit_message
@@ -359,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--license", help="licence id for the card (e.g. apache-2.0)")
     m.add_argument("--dataset", action="append", help="training dataset id for the card (repeatable)")
     m.add_argument("--namespace", default="your-user", help="namespace shown in the card when not pushing")
+    m.add_argument("--allow-other-base", action="store_true",
+                   help="merge even when the adapter records another GPTQ base than --base (its qalora_base "
+                        "fingerprint, or base_model_name_or_path); without it such an adapter is refused")
     m.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("push", help="push an exported model directory to the Hub")

@@ -12,15 +12,24 @@ from peft import LoraConfig
 # by g_idx; the two agree exactly when g_idx[i] == i // group_size (act-order off).
 POOLING_KEY = "qalora_pooling"
 POOLING_G_IDX = "g_idx"
+# The key recording which GPTQ base an adapter was trained on (qalora_hf.model.base_fingerprint): a sha256 of the
+# integer state (codes, zero-points, scales, g_idx) of the first and last adapted layers, compared on load.
+BASE_KEY = "qalora_base"
 
 
 @dataclass
 class QALoraLoraConfig(LoraConfig):
     """``peft.LoraConfig`` plus ``qalora_pooling="g_idx"``, written into ``adapter_config.json`` by every
     PEFT ``save_pretrained`` (Trainer checkpoints included), so a loader knows these adapters pool by
-    ``g_idx`` (docs/conventions.md)."""
+    ``g_idx`` (docs/conventions.md), and ``qalora_base``, the fingerprint of the GPTQ base it was trained on
+    (docs/reliability.md)."""
 
     qalora_pooling: str = field(default=POOLING_G_IDX, metadata={"help": "How the adapter input is pooled: 'g_idx'."})
+    qalora_base: Optional[dict] = field(
+        default=None,
+        metadata={"help": "The GPTQ base the adapter was trained on: {'sha256': hex digest, 'layers': [names], 'bits', "
+                          "'group_size'} (qalora_hf.model.base_fingerprint); compared when the adapter is loaded."},
+    )
 
 
 @dataclass
@@ -33,7 +42,7 @@ class QALoraConfig:
     without act-order.
 
     Raises:
-        ValueError: from ``__post_init__`` on a non-positive ``r``, ``lora_alpha`` or ``group_size``,
+        ValueError: from ``__post_init__`` on an ``r`` that is not a positive integer (``4.5``), a non-positive ``lora_alpha`` or ``group_size``,
             a ``lora_dropout`` outside [0, 1), an empty ``target_modules`` or an unknown
             ``init_lora_weights``.
     """
@@ -57,8 +66,10 @@ class QALoraConfig:
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules trained in full (rarely wanted)."})
 
     def __post_init__(self):
-        if self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r}.")
+        if isinstance(self.r, float) and self.r.is_integer():
+            self.r = int(self.r)  # 16.0 from a YAML file
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer (lora_r, the rank of lora_A [r, G]), got {self.r!r}.")
         if self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}.")
         if not 0.0 <= self.lora_dropout < 1.0:

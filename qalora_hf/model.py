@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Union
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from .adapter import QALoraGPTQLinear, gptq_group_size, pooling_permutation
-from .config import POOLING_G_IDX, POOLING_KEY, QALoraConfig, QALoraLoraConfig
+from .config import BASE_KEY, POOLING_G_IDX, POOLING_KEY, QALoraConfig, QALoraLoraConfig
 from .gptq_format import install_checkpoint_format_hooks
 from .gptq import gptq_layers, gptq_settings, quant_linear_class  # noqa: F401  (gptq_layers/gptq_settings: also imported from here)
 
@@ -19,29 +20,100 @@ logger = logging.getLogger(__name__)
 
 
 def _resolve_targets(model, target_modules: Union[list[str], str], layers: dict) -> list[str]:
-    """Expand 'all-linear' and check each target hits GPTQ layers only; returns qualified layer names."""
-    if target_modules == "all-linear":
-        names = [n for n in layers if not n.split(".")[-1] == "lm_head"]
-        if not names:
-            raise ValueError("the model has no GPTQ linear layers to adapt.")
-        return names
-    chosen = []
-    modules = dict(model.named_modules())
-    for target in target_modules:
-        hits = [n for n in modules if n == target or n.endswith("." + target)]
-        if not hits:
+    """Expand 'all-linear' and check each target hits GPTQ layers only; returns qualified layer names
+    (:func:`qalora_hf.checks.resolve_targets`, the same check the trainer runs before quantising)."""
+    from .checks import resolve_targets
+
+    return resolve_targets(target_modules, list(layers), {n: type(m).__name__ for n, m in model.named_modules()})
+
+
+def base_fingerprint(model, names: Optional[list[str]] = None) -> Optional[dict]:
+    """Which GPTQ base ``model`` is: a sha256 over the integer state of its first and last adapted GPTQ layers.
+
+    Hashed per layer, in order: the layer name, then the unpacked codes ``q`` [K, N], the v2 zero-points ``z``
+    [G, N] (int64), the fp16 scales [G, N] (as float32) and ``g_idx`` [K] (int64), all as read by
+    :func:`qalora_hf.gptq_format.read_layer` — the same values whatever kernel or on-disk zero-point convention the
+    model was loaded with.  Two checkpoints quantised from the same float model on other calibration rows, or a base
+    after a merge, give other digests.
+
+    Args:
+        names: the adapted layers (default: every GPTQ layer); the first and the last are hashed.
+
+    Returns:
+        ``{"sha256": hex, "layers": [first, last], "bits": int, "group_size": int}``, or None when the layers cannot be
+        read as integers (an inference-only kernel).
+    """
+    import hashlib
+
+    import torch
+
+    from .gptq_format import read_layer
+
+    layers = gptq_layers(model)
+    names = [n for n in (names or list(layers)) if n in layers]
+    if not names:
+        return None
+    picked = [names[0]] if len(names) == 1 else [names[0], names[-1]]
+    h = hashlib.sha256()
+    try:
+        for name in picked:
+            t = read_layer(layers[name])
+            h.update(name.encode())
+            for tensor in (t.q.to(torch.int64), t.z.to(torch.int64), t.scales.to(torch.float32), t.g_idx.to(torch.int64)):
+                h.update(tensor.contiguous().numpy().tobytes())
+    except (TypeError, ValueError) as err:
+        logger.debug("no base fingerprint: %s", err)
+        return None
+    qc = gptq_settings(model)
+    return {"sha256": h.hexdigest(), "layers": picked, "bits": int(qc["bits"]), "group_size": int(qc.get("group_size", -1))}
+
+
+def _base_name(model) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+
+
+def check_same_base(model, adapter_path: str, recorded: Optional[dict], recorded_name: Optional[str]) -> None:
+    """Refuse an adapter trained on another GPTQ base than ``model``.
+
+    With a ``qalora_base`` fingerprint in the adapter (every adapter qalora_hf writes), it is compared with
+    :func:`base_fingerprint` of ``model``.  Without one (stock PEFT adapters, older files), the adapter's
+    ``base_model_name_or_path`` is compared with the model's name when both are Hub repo ids (a local path tells
+    nothing about which repo it holds).
+
+    Raises:
+        ValueError: a different base, saying which one the adapter records and how to override (``allow_other_base``).
+    """
+    from .checks import looks_like_path
+
+    override = "pass allow_other_base=True (qalora-hf merge --allow-other-base) if you are sure it fits"
+    if recorded:
+        wanted = list(recorded.get("layers") or [])
+        layers = gptq_layers(model)
+        if not wanted or any(n not in layers for n in wanted):
             raise ValueError(
-                f"target module '{target}' matches no module of the model; valid GPTQ layer names end in: "
-                f"{sorted({n.split('.')[-1] for n in layers})}."
+                f"{adapter_path} was trained on a GPTQ base with the layers {recorded.get('layers')}, which this base "
+                f"({_base_name(model)}) does not have as GPTQ layers; load it onto the base it was trained on "
+                f"({recorded_name}), or {override}."
             )
-        not_gptq = [n for n in hits if n not in layers]
-        if not_gptq:
+        current = base_fingerprint(model, wanted)
+        if current is None:
+            logger.warning("%s: cannot compare its base (the GPTQ layers cannot be read as integers)", adapter_path)
+            return
+        if current["sha256"] != recorded.get("sha256"):
             raise ValueError(
-                f"target module '{target}' matches {not_gptq[0]} ({type(modules[not_gptq[0]]).__name__}), which is not a GPTQ "
-                "quantised layer; PEFT would train plain LoRA there, which cannot be merged into GPTQ. Remove it from target_modules."
+                f"{adapter_path} was trained on another GPTQ base: its adapter_config.json records {BASE_KEY} sha256 "
+                f"{str(recorded.get('sha256'))[:16]}... (base {recorded_name}), this base ({_base_name(model)}) has "
+                f"{current['sha256'][:16]}... over the same layers {recorded['layers']}. Merging it here would give a wrong "
+                f"model without an error. Load it onto the base it was trained on, or {override}."
             )
-        chosen.extend(hits)
-    return sorted(set(chosen))
+        return
+    current_name = _base_name(model)
+    names = [n for n in (recorded_name, current_name) if isinstance(n, str) and n]
+    if len(names) == 2 and not any(os.path.exists(n) or looks_like_path(n) for n in names) and names[0] != names[1]:
+        raise ValueError(
+            f"{adapter_path} records base_model_name_or_path={recorded_name!r}, but the base is {current_name!r} (the "
+            f"adapter has no {BASE_KEY} fingerprint to compare). Load it onto {recorded_name}, or {override}."
+        )
 
 
 def _lora_config_for(model, config: QALoraConfig) -> tuple[LoraConfig, list[str]]:
@@ -115,7 +187,8 @@ def get_qalora_model(model, config: Optional[QALoraConfig] = None, adapter_name:
 
     Returns:
         A ``peft.PeftModel`` whose ``save_pretrained`` writes a stock PEFT LoRA adapter
-        (``use_qalora=True``, ``qalora_group_size`` = GPTQ group size).
+        (``use_qalora=True``, ``qalora_group_size`` = GPTQ group size), plus ``qalora_pooling`` and ``qalora_base``
+        (:func:`base_fingerprint` of ``model``).
 
     Raises:
         TypeError: not a GPTQ model (float, bitsandbytes, AWQ, ...).
@@ -126,6 +199,7 @@ def get_qalora_model(model, config: Optional[QALoraConfig] = None, adapter_name:
     check_not_peft(model)
     config = config or QALoraConfig()
     lora_config, names = _lora_config_for(model, config)
+    lora_config.qalora_base = base_fingerprint(model, names)  # written into every adapter_config.json, compared on load
     install_checkpoint_format_hooks(model)  # so the merged model's save_pretrained writes a correct checkpoint
     peft_model = get_peft_model(model, _register(lora_config), adapter_name=adapter_name)
     n_adapted = sum(isinstance(m, QALoraGPTQLinear) for m in peft_model.modules())
@@ -134,12 +208,15 @@ def get_qalora_model(model, config: Optional[QALoraConfig] = None, adapter_name:
     return peft_model
 
 
-def load_qalora_adapter(model, adapter_path: str, is_trainable: bool = False, adapter_name: str = "default", **kwargs) -> PeftModel:
+def load_qalora_adapter(model, adapter_path: str, is_trainable: bool = False, adapter_name: str = "default", *,
+                        allow_other_base: bool = False, **kwargs) -> PeftModel:
     """Load a saved QA-LoRA adapter (ours or stock PEFT ``use_qalora``) onto a GPTQ ``model``.
 
     Our adapter files record ``"qalora_pooling": "g_idx"``; a file without it is a stock PEFT adapter,
     which pools contiguous channels: it loads on a base without act-order (where both poolings agree) and
-    is refused on an act-order base, where its update cannot be merged.
+    is refused on an act-order base, where its update cannot be merged.  The base the adapter records
+    (``qalora_base``, or else ``base_model_name_or_path``) must be ``model`` (:func:`check_same_base`) unless
+    ``allow_other_base``.
 
     Args:
         adapter_path: a local directory or Hub repo holding ``adapter_config.json`` and
@@ -148,15 +225,21 @@ def load_qalora_adapter(model, adapter_path: str, is_trainable: bool = False, ad
 
     Raises:
         ValueError: the adapter is not a QA-LoRA adapter (``use_qalora`` false), a stock PEFT adapter on an
-            act-order base, it does not fit the model, or ``model`` is already wrapped by PEFT.
+            act-order base, an adapter trained on another base (without ``allow_other_base``), it does not fit the
+            model, or ``model`` is already wrapped by PEFT.
     """
     check_not_peft(model)
     raw = _read_adapter_config(adapter_path, subfolder=kwargs.get("subfolder"), revision=kwargs.get("revision"))
     pooling = raw.pop(POOLING_KEY, None)
+    recorded_base = raw.pop(BASE_KEY, None)
     lora_config = LoraConfig.from_peft_type(**raw)
     if not getattr(lora_config, "use_qalora", False):
         raise ValueError(f"{adapter_path} is a plain LoRA adapter (use_qalora is false); it cannot be merged into GPTQ zero-points.")
     checked, names = _lora_config_for(model, QALoraConfig.from_lora_config(lora_config))
+    if allow_other_base:
+        logger.warning("%s: not comparing the base it was trained on with this one (allow_other_base=True)", adapter_path)
+    else:
+        check_same_base(model, adapter_path, recorded_base, raw.get("base_model_name_or_path"))
     if pooling != POOLING_G_IDX:
         layers = gptq_layers(model)
         permuted = [n for n in names if pooling_permutation(layers[n].g_idx, int(lora_config.qalora_group_size), n) is not None]
@@ -171,6 +254,7 @@ def load_qalora_adapter(model, adapter_path: str, is_trainable: bool = False, ad
             )
     lora_config = QALoraLoraConfig(**{f.name: getattr(lora_config, f.name) for f in dataclasses.fields(LoraConfig) if f.init})
     lora_config.target_modules = checked.target_modules
+    lora_config.qalora_base = recorded_base
     lora_config.inference_mode = not is_trainable
     install_checkpoint_format_hooks(model)
     return PeftModel.from_pretrained(model, adapter_path, config=_register(lora_config), is_trainable=is_trainable, adapter_name=adapter_name, **kwargs)

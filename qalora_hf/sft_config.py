@@ -21,8 +21,9 @@ class QALoraSFTConfig(SFTConfig):
 
     Raises:
         ValueError: from ``__post_init__``: an unknown ``merge_strategy``, ``num_calibration_rows < 1``,
-            ``num_holdout_rows < 0``, or an empty string in ``model_card_datasets`` — each message names the field
-            to change.
+            ``num_holdout_rows < 0``, an empty string in ``model_card_datasets``, a ``hub_model_id`` that is not a Hub
+            repo id (``huggingface_hub.utils.validate_repo_id``) or a ``hub_revision`` that is not a git revision —
+            each message names the field to change, before any model is loaded.
     """
 
     merge_at_end: bool = field(
@@ -61,7 +62,13 @@ class QALoraSFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        from .checks import check_repo_id, check_revision
+
         super().__post_init__()
+        if self.hub_model_id is not None:  # "not a repo" fails here, not when the export is pushed after training
+            check_repo_id(self.hub_model_id, "hub_model_id")
+        if self.hub_revision is not None:
+            check_revision(self.hub_revision, "hub_revision")
         if self.merge_strategy not in STRATEGIES:
             raise ValueError(f"merge_strategy='{self.merge_strategy}' is unknown; choose one of {', '.join(STRATEGIES)}.")
         if self.num_calibration_rows < 1:

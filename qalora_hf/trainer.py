@@ -120,6 +120,9 @@ class QALoraTrainer(SFTTrainer):
         qalora_config = qalora_config or QALoraConfig()
         _check_dataset("train_dataset", train_dataset, formatting_func)
         _check_dataset("eval_dataset", eval_dataset, formatting_func)
+        from .checks import check_trainer_inputs  # model source, layers vs target_modules and group size, rows, dirs
+
+        check_trainer_inputs(model, args, qalora_config, quantize_config, train_dataset, eval_dataset, formatting_func)
 
         if isinstance(model, str):
             model_id = model
