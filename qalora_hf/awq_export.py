@@ -30,8 +30,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import Optional, Union
 
@@ -322,8 +320,8 @@ def export_awq(
         ValueError: an ``extra_files`` name outside the export, or a file that would publish a pickle, a token
             or a local path (nothing is renamed into place then).
     """
-    from .export import _atomic_replace, _check_extra_names, _copy_adapter, _remove_stale_tmp_dirs
-    from .safety import assert_folder_publishable, check_adapter_dir
+    from .export import _check_extra_names, write_export_dir
+    from .safety import check_adapter_dir
 
     target = Path(output_dir).absolute()
     if isinstance(model_or_dir, (str, os.PathLike)):
@@ -347,11 +345,8 @@ def export_awq(
     state_dict = awq_state_dict(model, layers)
     qconfig = awq_quantization_config(group_size, _float_linears(model, layers))
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp_dirs(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir()
+
+    def write_weights(tmp: Path) -> None:
         # transformers' GPTQ quantizer would swap in the in-memory (GPTQ) state dict; detach it for the write.
         quantizer = getattr(model, "hf_quantizer", None)
         model.hf_quantizer = None
@@ -359,27 +354,9 @@ def export_awq(
             model.save_pretrained(tmp, state_dict=state_dict, max_shard_size=max_shard_size)
         finally:
             model.hf_quantizer = quantizer
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config["quantization_config"] = qconfig
-        config.pop("_name_or_path", None)
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if adapter_dir is not None:
-            _copy_adapter(adapter_dir, tmp / "adapter", base_model_id)
-        for name, src in (extra_files or {}).items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, tmp / name)
-        if card is not None:
-            card.save(tmp / "README.md")
-        assert_folder_publishable(tmp, tokens)
-        _atomic_replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_export_dir(target, write_weights, model=model, quantization_config=qconfig, tokenizer=tokenizer, card=card,
+                     adapter_dir=adapter_dir, extra_files=extra_files, base_model_id=base_model_id, tokens=tokens)
     logger.info("exported AWQ (GEMM, group size %d) checkpoint to %s", group_size, target)
     return target
 

@@ -100,6 +100,47 @@ def _check_extra_names(extra_files: dict) -> None:
             raise ValueError(f"extra_files name {name!r} must be a relative path inside the export (no '..', not absolute).")
 
 
+def write_export_dir(target: Path, write_weights, *, model, quantization_config: dict, tokenizer=None, card=None,
+                     adapter_dir: Optional[Path] = None, extra_files: Optional[dict] = None, base_model_id: Optional[str] = None,
+                     tokens=()) -> Path:
+    """The atomic write shared by :func:`export_gptq` and :func:`qalora_hf.awq_export.export_awq`.
+
+    In a hidden ``.<name>.tmp-<pid>-<hex>`` directory beside ``target``: ``write_weights(tmp)`` (the weights and
+    ``config.json``), then ``quantization_config`` written into ``config.json`` (``_name_or_path`` dropped), the
+    generation config, the tokenizer, the adapter's two PEFT files in ``adapter/``, ``extra_files``, the card as
+    ``README.md``; the folder is checked by :func:`qalora_hf.safety.assert_folder_publishable` and renamed into
+    place.  On any error the temporary directory is removed and ``target`` is left as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp_dirs(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        write_weights(tmp)
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config["quantization_config"] = quantization_config
+        config.pop("_name_or_path", None)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if adapter_dir is not None:
+            _copy_adapter(adapter_dir, tmp / "adapter", base_model_id)
+        for name, src in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / name)
+        if card is not None:
+            card.save(tmp / "README.md")
+        assert_folder_publishable(tmp, tokens)
+        _atomic_replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def export_gptq(
     model,
     output_dir: str | os.PathLike,
@@ -151,37 +192,16 @@ def export_gptq(
     if adapter_dir is not None:
         adapter_dir = check_adapter_dir(adapter_dir)
     _check_extra_names(extra_files or {})
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp_dirs(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir()
+
+    def write_weights(tmp: Path) -> None:
         # The export is v1 ("gptq"): label the model so, and let its state dict convert the in-memory
         # zero-points to that label (install_checkpoint_format_hooks), as every later save_pretrained will.
         set_checkpoint_format(model.config, "gptq")
         install_checkpoint_format_hooks(model)
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config["quantization_config"] = clean_quantization_config(qc)
-        config.pop("_name_or_path", None)
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if adapter_dir is not None:
-            _copy_adapter(adapter_dir, tmp / "adapter", base_model_id)
-        for name, src in (extra_files or {}).items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, tmp / name)
-        if card is not None:
-            card.save(tmp / "README.md")
-        assert_folder_publishable(tmp, tokens)
-        _atomic_replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_export_dir(target, write_weights, model=model, quantization_config=clean_quantization_config(qc), tokenizer=tokenizer,
+                     card=card, adapter_dir=adapter_dir, extra_files=extra_files, base_model_id=base_model_id, tokens=tokens)
     zeros = count_zero_points_at_0(model)
     if zeros:
         logger.warning(

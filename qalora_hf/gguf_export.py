@@ -155,24 +155,6 @@ class GPTQLayerInts:
         return (self.scales.float()[g] * (self.q - self.z[g]).float()).t().contiguous()
 
 
-def _qzeros_v1_to_v2(qzeros, bits: int):
-    """Packed v1 ``qzeros`` (``checkpoint_format="gptq"``, z - 1 with word arithmetic) -> v2 (real z),
-    with gptqmodel's own ``convert_gptq_v1_to_v2_format_module`` (the inverse of what export_gptq wrote)."""
-    import torch
-    from gptqmodel.nn_modules.qlinear import PackableQuantLinear
-    from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
-
-    holder = PackableQuantLinear.__new__(PackableQuantLinear)
-    torch.nn.Module.__init__(holder)
-    holder.qzeros = torch.nn.Parameter(qzeros.clone(), requires_grad=False)
-    holder.bits = bits
-    holder.pack_dtype = torch.int32
-    holder.planar = False
-    holder._qzeros_format = 1
-    convert_gptq_v1_to_v2_format_module(holder, bits=bits, pack_dtype=torch.int32)
-    return holder.qzeros.data
-
-
 def _safetensors_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -283,7 +265,7 @@ def read_gptq_layers(path: str | os.PathLike, prefixes: Optional[Iterable[str]] 
     """
     from safetensors import safe_open
 
-    from .gptq_format import unpack
+    from .gptq_format import qzeros_v1_to_v2, unpack
 
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
@@ -300,7 +282,7 @@ def read_gptq_layers(path: str | os.PathLike, prefixes: Optional[Iterable[str]] 
     for prefix in wanted:
         qweight, qzeros, scales, g_idx = (get(prefix + s) for s in (".qweight", ".qzeros", ".scales", ".g_idx"))
         if v1:
-            qzeros = _qzeros_v1_to_v2(qzeros, bits)
+            qzeros = qzeros_v1_to_v2(qzeros, bits)
         k, n = g_idx.numel(), scales.shape[1]
         q = unpack(qweight, bits, dim=0)[:k, :n]
         z = unpack(qzeros, bits, dim=1)[:, :n]

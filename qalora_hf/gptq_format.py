@@ -200,8 +200,16 @@ def qzeros_v2_to_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     Uses gptqmodel's own ``convert_gptq_v2_to_v1_format_module`` so that gptqmodel's v1 loader (which
     transformers + optimum use) inverts it exactly, including ``z = 0`` fields.
     """
-    from gptqmodel.nn_modules.qlinear import PackableQuantLinear
     from gptqmodel.utils.model import convert_gptq_v2_to_v1_format_module
+
+    holder = _qzeros_holder(qzeros, bits, fmt=2)
+    convert_gptq_v2_to_v1_format_module(holder, quantize_config=SimpleNamespace(bits=bits, pack_dtype=torch.int32))
+    return holder.qzeros.data
+
+
+def _qzeros_holder(qzeros: torch.Tensor, bits: int, fmt: int):
+    """A bare gptqmodel layer holding a copy of ``qzeros`` (int32 packing, in format ``fmt``), for its converters."""
+    from gptqmodel.nn_modules.qlinear import PackableQuantLinear
 
     holder = PackableQuantLinear.__new__(PackableQuantLinear)
     torch.nn.Module.__init__(holder)
@@ -209,24 +217,15 @@ def qzeros_v2_to_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     holder.bits = bits
     holder.pack_dtype = torch.int32
     holder.planar = False
-    holder._qzeros_format = 2
-    settings = SimpleNamespace(bits=bits, pack_dtype=torch.int32)
-    convert_gptq_v2_to_v1_format_module(holder, quantize_config=settings)
-    return holder.qzeros.data
+    holder._qzeros_format = fmt
+    return holder
 
 
 def qzeros_v1_to_v2(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`qzeros_v2_to_v1` (gptqmodel's own ``convert_gptq_v1_to_v2_format_module``), on a copy."""
-    from gptqmodel.nn_modules.qlinear import PackableQuantLinear
     from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
 
-    holder = PackableQuantLinear.__new__(PackableQuantLinear)
-    torch.nn.Module.__init__(holder)
-    holder.qzeros = torch.nn.Parameter(qzeros.clone(), requires_grad=False)
-    holder.bits = bits
-    holder.pack_dtype = torch.int32
-    holder.planar = False
-    holder._qzeros_format = 1
+    holder = _qzeros_holder(qzeros, bits, fmt=1)
     convert_gptq_v1_to_v2_format_module(holder, bits=bits, pack_dtype=torch.int32)
     return holder.qzeros.data
 
