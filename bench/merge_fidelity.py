@@ -163,12 +163,23 @@ def _shift_distribution(peft_model) -> dict:
     from qalora_hf.adapter import group_delta
     from qalora_hf.merge import qalora_layers
 
-    ts = []
+    from qalora_hf.gptq_format import read_layer
+
+    ts, along = [], []
     for m in qalora_layers(peft_model).values():
         ts.append((group_delta(m) / m.get_base_layer().scales.float()).abs().flatten())
+        # How much of a constant shift inside a group a change of that group's scale can express: cos^2 of the
+        # angle between the group's codes v = q - z and the all-ones vector (1 = all of it, 0 = none).
+        lt = read_layer(m.get_base_layer())
+        v = (lt.q - lt.z[lt.g_idx]).double()  # [K, N]
+        groups = lt.scales.shape[0]
+        sums = torch.zeros(groups, v.shape[1], dtype=torch.float64).index_add_(0, lt.g_idx, v)
+        sq = torch.zeros_like(sums).index_add_(0, lt.g_idx, v * v)
+        along.append((sums**2 / (sq.clamp(min=1e-12) * (v.shape[0] // groups))).flatten())
     t = torch.cat(ts).double()
     q = torch.quantile(t[torch.randperm(t.numel())[:1_000_000]], torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
-    return {"median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "frac_above_0.5": float((t > 0.5).double().mean()), "n": t.numel()}
+    return {"median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "frac_above_0.5": float((t > 0.5).double().mean()), "n": t.numel(),
+            "shift_along_codes_mean": float(torch.cat(along).mean())}
 
 
 def _requant_baseline(ref, tok, cal_rows, args, evaluate) -> dict:
@@ -208,7 +219,8 @@ def _print_table(results, shift, args, n_holdout, n_mmlu):
         print("| " + " | ".join(cells) + " |")
     if shift:
         print(f"\nshift |t| = |D/s| in quantisation steps: median {shift['median']:.4f}, p90 {shift['p90']:.4f}, p99 {shift['p99']:.4f}, "
-              f"fraction > 0.5: {shift['frac_above_0.5']:.2e} ({shift['n']:,} zero-points)")
+              f"fraction > 0.5: {shift['frac_above_0.5']:.2e} ({shift['n']:,} zero-points); mean cos^2(q - z, 1) per group "
+              f"(the part of a constant shift a scale change can express): {shift.get('shift_along_codes_mean', float('nan')):.3f}")
 
 
 if __name__ == "__main__":
