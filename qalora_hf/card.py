@@ -3,7 +3,8 @@
 :func:`build_model_card` fills the package's template ``qalora_hf/templates/qalora_gptq.md`` (package data,
 read with ``importlib.resources``) through ``huggingface_hub.ModelCard.from_template``; the card's metadata says
 ``base_model_relation: finetune`` (see :func:`build_model_card`).  The merge-fidelity rows use the metric names
-and labels of :data:`qalora_hf.metrics.METRIC_LABELS`.  Every card is checked by :func:`assert_no_secrets`: no
+and labels of :data:`qalora_hf.metrics.METRIC_LABELS`; below them the card cites the run's cell of the fidelity
+matrix (:func:`fidelity_matrix_note`, :mod:`qalora_hf.fidelity`).  Every card is checked by :func:`assert_no_secrets`: no
 Hub token, no local absolute path and no machine user name may reach a public repo.
 """
 
@@ -21,6 +22,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .fidelity import load_matrix, matrix_cell
 from .metrics import METRIC_LABELS, format_metric, gain_kept
 from .safety import assert_no_secrets, find_secrets  # noqa: F401  (re-exported: the card's checks)
 
@@ -147,6 +149,51 @@ def _merge_rows_and_note(merge_metrics: Optional[dict], bits: int) -> tuple[list
     else:
         note = ""
     return rows, note
+
+
+def _lr_text(lr: float) -> str:
+    """``2e-4`` for 0.0002, ``1.5e-5`` for 1.5e-05 (the fidelity matrix's cell names)."""
+    mantissa, exp = f"{lr:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+
+
+def fidelity_matrix_note(config: Optional[dict], matrix: Optional[dict] = None) -> str:
+    """The card's sentences citing the fidelity matrix (:mod:`qalora_hf.fidelity`): this model's configuration, the
+    same or nearest measured cell and the fraction of the gain it kept, and the matrix's minimum and median; empty
+    when ``config`` is None, the matrix has no cells or the cell's gain kept is undefined.
+
+    Args:
+        config: this model's factors (:func:`qalora_hf.fidelity.model_config`).
+        matrix: the fidelity matrix (default: the shipped one).
+    """
+    if config is None:
+        return ""
+    matrix = load_matrix() if matrix is None else matrix
+    found = matrix_cell(config, matrix)
+    if found is None or format_metric("gain_kept", found["cell"]["gain_kept"]) is None:
+        return ""
+    c, cell = config, found["cell"]
+    train = ([f"r{c['lora_r']}"] if c.get("lora_r") is not None else []) + (
+        [f"lr {_lr_text(c['learning_rate'])}"] if c.get("learning_rate") is not None else []) + (
+        [f"{c['max_steps']} steps"] if c.get("max_steps") is not None else [])
+    this = (f"INT{c['bits']}, group {c['group_size']}, {'symmetric' if c['sym'] else 'asymmetric'} GPTQ base, "
+            f"act-order {'on' if c['desc_act'] else 'off'}" + (f"; QA-LoRA {', '.join(train)}" if train else ""))
+    where = ", ".join(str(x) for x in (matrix.get("date"), matrix.get("model")) if x)
+    if found["exact"]:
+        which = f"the same configuration (`{cell['name']}`)"
+    else:
+        which = f"the nearest measured configuration, `{cell['name']}`" + (
+            f" (differs in: {', '.join(found['differs'])})" if found["differs"] else "") + ","
+    qlora = format_metric("gain_kept", cell.get("qlora_style_kept"))
+    note = (f"This model's configuration: {this}. In the project's fidelity matrix (`bench/fidelity_matrix.py`"
+            f"{', ' + where if where else ''}), {which} kept {format_metric('gain_kept', cell['gain_kept'])} of the "
+            f"fine-tuning gain{' with the `' + str(matrix['strategy']) + '` merge' if matrix.get('strategy') else ''}"
+            f"{f' (QLoRA-style re-quantisation: {qlora})' if qlora else ''}")
+    summary = found["summary"] or {}
+    if all(summary.get(k) is not None for k in ("cells", "min", "median")):
+        note += (f"; across {summary['cells']} cells of the matrix: minimum {format_metric('gain_kept', summary['min'])}, "
+                 f"median {format_metric('gain_kept', summary['median'])}")
+    return note + "."
 
 
 def _eval_results(eval_results: Optional[list[dict]], this_model: str) -> tuple[list[dict], list[EvalResult]]:
@@ -364,6 +411,8 @@ def build_model_card(
     awq_repo_id: Optional[str] = None,
     extra_sections: Sequence[tuple[str, str]] = (),
     template_path: Optional[str | os.PathLike] = None,
+    fidelity_config: Optional[dict] = None,
+    fidelity_matrix: Optional[dict] = None,
 ) -> ModelCard:
     """Build the model card of an exported (merged) QA-LoRA GPTQ model.
 
@@ -394,10 +443,14 @@ def build_model_card(
         extra_sections: ``(title, markdown)`` pairs rendered as ``## title`` sections after "Evaluation" (e.g. how to
             run a GGUF or AWQ copy of the model); the markdown goes through the same secret checks.
         template_path: a card template of your own (default: the package's ``templates/qalora_gptq.md``).
+        fidelity_config: the run's configuration (:func:`qalora_hf.fidelity.model_config`: the GPTQ base's bits,
+            group size, ``sym``, act-order, and lora_r, learning_rate, max_steps): "Merge fidelity" then cites the
+            same or nearest cell of the fidelity matrix (:func:`fidelity_matrix_note`; nothing when the matrix is empty).
+        fidelity_matrix: the matrix to cite (default: the shipped ``templates/fidelity_matrix.json``).
 
     Raises:
         ValueError: the rendered card still contains a token, a local absolute path or the user name,
-            or ``loss_plot`` is not a relative name.
+            or ``loss_plot`` is not a relative name; ``fidelity_config`` lacks a quantisation factor.
     """
     template = _template_text(template_path, TEMPLATE)
     datasets = list(datasets)
@@ -453,6 +506,7 @@ def build_model_card(
         framework_rows=[(k, v) for k, v in versions.items()],
         merge_rows=merge_rows,
         merge_note=merge_note,
+        fidelity_note=fidelity_matrix_note(fidelity_config, fidelity_matrix),
         loss_plot=loss_plot,
         eval_rows=rows,
         extra_sections=[(str(title), str(body).strip()) for title, body in extra_sections],

@@ -22,6 +22,7 @@ import torch
 
 from .card import build_model_card, plot_training_loss
 from .export import export_gptq
+from .fidelity import model_config
 from .gptq import check_mergeable_kernels, gptq_settings
 from .hub import push_gptq_to_hub
 from .merge import MergeReport, get_strategy, merge_qalora
@@ -60,8 +61,9 @@ class CardInfo:
     extra_sections: Sequence[tuple[str, str]] = ()
 
     def build(self, *, bits: int, group_size: int, desc_act: bool, merge_metrics: Optional[dict] = None,
-              loss_plot: Optional[str] = None, qalora_config: Optional[dict] = None):
-        """The :class:`huggingface_hub.ModelCard`.
+              loss_plot: Optional[str] = None, qalora_config: Optional[dict] = None, fidelity_config: Optional[dict] = None):
+        """The :class:`huggingface_hub.ModelCard`; ``fidelity_config``: the run's configuration, for the card's
+        citation of the fidelity matrix (:func:`qalora_hf.fidelity.model_config`).
 
         Raises:
             ValueError: the card would publish a token, a local path or the user name.
@@ -72,6 +74,7 @@ class CardInfo:
             training_args=dict(self.training_args), merge_metrics=merge_metrics,
             eval_results=_fill_eval_results(self.eval_results, merge_metrics),
             loss_plot=loss_plot, bits=bits, group_size=group_size, desc_act=desc_act, extra_sections=self.extra_sections,
+            fidelity_config=fidelity_config,
         )
 
     def check(self) -> None:
@@ -187,7 +190,7 @@ def merge_measure_export(
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; choose another export directory or pass overwrite=True.")
     card.check()
-    gptq_settings(model)  # TypeError for a model that is not GPTQ, before any work
+    base_qc = dict(gptq_settings(model))  # TypeError for a model that is not GPTQ, before any work; sym before the merge
     check_mergeable_kernels(model)  # before the measurements: torch_fused repacks on its first eval forward
     holdout = list(holdout)
     if spec.needs_calibration and not calibration and "hessians" not in (merge_kwargs or {}):
@@ -230,7 +233,8 @@ def merge_measure_export(
                 pass
         qc = gptq_settings(merged)
         model_card = card.build(bits=int(qc["bits"]), group_size=int(qc.get("group_size", -1)), desc_act=bool(qc.get("desc_act", False)),
-                                merge_metrics=metrics, loss_plot=loss_plot, qalora_config=qalora_config)
+                                merge_metrics=metrics, loss_plot=loss_plot, qalora_config=qalora_config,
+                                fidelity_config=model_config(base_qc, qalora_config, card.training_args))
         out = export_gptq(merged, target, tokenizer=tokenizer, card=model_card, adapter_dir=adapter_dir, extra_files=extra_files,
                           overwrite=overwrite, base_model_id=base_model_id, tokens=(hub_token,))
 

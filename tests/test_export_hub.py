@@ -53,6 +53,14 @@ def _fresh_env(url: str, hf_home: Path) -> dict:
 # The pipeline, built once: quantise -> train -> save adapter -> merge_measure_export (gptq: measure, merge, card, export)
 
 
+FIDELITY_MATRIX = {
+    "date": "2026-12-02", "model": "tiny", "data": "tiny texts", "command": "python bench/fidelity_matrix.py",
+    "strategy": "distill", "summary": {"cells": 1, "min": 0.99, "median": 0.99},
+    "cells": [{"name": "b4-g32-asym-noact-r8-lr1e-2-s15", "bits": 4, "group_size": 32, "sym": False, "desc_act": False,
+               "lora_r": 8, "learning_rate": 1e-2, "max_steps": 15, "gain": 0.4, "gain_kept": 0.99, "qlora_style_kept": 0.5}],
+}
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     from transformers import AutoTokenizer
@@ -99,12 +107,14 @@ def pipeline(tmp_path_factory):
                        "metric_value": "loss_exported"},
                       {"model": "base", "dataset_name": "tiny texts", "metric_type": "loss", "metric_value": "loss_base"}],
     )
-    result = merge_measure_export(
-        model, tok, root / "export", card=card, strategy="gptq",
-        calibration=token_batches([{"text": t} for t in TINY_TEXTS[:32]], tok, 64),
-        holdout=token_batches([{"text": t} for t in TINY_TEXTS[48:56]], tok, 64), holdout_source="tiny texts 48-55",
-        adapter_dir=adapter_dir, log_history=log_history, progress=False,
-    )
+    with pytest.MonkeyPatch.context() as mp:  # a fidelity matrix holding this run's cell, for the card to cite
+        mp.setattr("qalora_hf.card.load_matrix", lambda: FIDELITY_MATRIX)
+        result = merge_measure_export(
+            model, tok, root / "export", card=card, strategy="gptq",
+            calibration=token_batches([{"text": t} for t in TINY_TEXTS[:32]], tok, 64),
+            holdout=token_batches([{"text": t} for t in TINY_TEXTS[48:56]], tok, 64), holdout_source="tiny texts 48-55",
+            adapter_dir=adapter_dir, log_history=log_history, progress=False,
+        )
     merged = result.merged_model
     with torch.no_grad():
         merged_logits = merged(**probe).logits
@@ -131,6 +141,10 @@ def test_training_lowered_the_loss_and_export_has_everything(pipeline):
     assert report["metrics"] == json.loads(json.dumps(m)) and report["totals"]["strategy"] == "gptq"
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["checkpoint_format"] == "gptq" and qc["sym"] is False and qc["bits"] == 4
+    # The card cites the fidelity matrix's cell of this run: quantisation from the base, r from the adapter, lr and
+    # steps from the training arguments.
+    assert ("the same configuration (`b4-g32-asym-noact-r8-lr1e-2-s15`) kept 99.0% of the fine-tuning gain"
+            in (out / "README.md").read_text())
 
 
 def test_push_then_fresh_process_loads_with_stock_libraries(pipeline, hub, tmp_path):

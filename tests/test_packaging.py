@@ -1,5 +1,5 @@
-"""qalora-hf installs as a library: the wheel holds the model-card template as package data and no demo code, and a
-card is built from the installed wheel alone (no source tree, no editable install)."""
+"""qalora-hf installs as a library: the wheel holds the model-card templates and the fidelity matrix as package data
+and no demo code, and a card is built from the installed wheel alone (no source tree, no editable install)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def test_wheel_ships_the_template_and_builds_a_card_when_installed(tmp_path):
     (wheel,) = dist.glob("qalora_hf-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "qalora_hf/templates/qalora_gptq.md" in names, names
+    assert "qalora_hf/templates/fidelity_matrix.json" in names, names  # the fidelity matrix the card cites
     assert "qalora_hf/testing/hub_server.py" in names  # the test server ships as a testing utility
     assert not [n for n in names if n.split("/")[0] in ("demo", "bench", "recipes", "tests", "docs", "scripts", "model_cards")], names
     assert not {"qalora_hf/fetch.py", "qalora_hf/evaluate.py"} & set(names)
@@ -42,9 +43,11 @@ def test_wheel_ships_the_template_and_builds_a_card_when_installed(tmp_path):
         "    merge_metrics={'strategy': 'round', 'loss_base': 2.0, 'loss_trained': 1.0, 'loss_exported': 1.5},\n"
         "    framework_versions={}, bits=4, group_size=32, desc_act=False)\n"
         "print('CARD', '## Merge fidelity' in str(card), '| fraction of the fine-tuning loss gain kept by the export | 50.0% |' in str(card))\n"
+        "import qalora_hf.fidelity as f\n"
+        "print('MATRIX', isinstance(f.load_matrix()['cells'], list))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(site)
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "CARD True True" in run.stdout, run.stdout[-2000:]
+    assert "CARD True True" in run.stdout and "MATRIX True" in run.stdout, run.stdout[-2000:]
