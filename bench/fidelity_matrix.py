@@ -106,7 +106,8 @@ def pair_coverage(design: list[Cell]) -> list[str]:
 
 def _run(cmd: list[str], log: Path) -> None:
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "1"),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "TORCHDYNAMO_DISABLE": "1"}  # gptqmodel's torch kernel would recompile per layer (same numbers eagerly)
     t = time.time()
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
@@ -117,7 +118,7 @@ def _run(cmd: list[str], log: Path) -> None:
     print(f"   done in {time.time() - t:.0f} s", flush=True)
 
 
-def run_cell(cell: Cell, strategies: str, requant: bool, python: str) -> dict:
+def run_cell(cell: Cell, strategies: str, requant: bool, python: str, train_only: bool = False) -> dict:
     d = ROOT / cell.name
     d.mkdir(parents=True, exist_ok=True)
     run = d / "run"
@@ -127,6 +128,8 @@ def run_cell(cell: Cell, strategies: str, requant: bool, python: str) -> dict:
               "--bits", str(cell.bits), "--group_size", str(cell.group_size), "--sym", str(cell.sym).lower(),
               "--desc_act", str(cell.desc_act).lower(), "--lora_r", str(cell.lora_r),
               "--learning_rate", str(cell.learning_rate), "--max_steps", str(cell.max_steps)], d / "train.log")
+    if train_only:
+        return {}
     info = json.loads((run / "run_info.json").read_text())
     from qalora_hf.checkpoints import last_complete_checkpoint
 
@@ -194,6 +197,41 @@ def table(cells: list[Cell], strategies: list[str]) -> tuple[str, dict]:
     return "\n".join(lines + [""] + foot), {"rows": rows, "summary": stats}
 
 
+def write_card_matrix(strategy: str) -> Path:
+    """The package-data summary the model card cites (``qalora_hf/fidelity.py``): every measured design cell's
+    ``gain`` (nats), ``gain_kept`` of ``strategy`` and of the QLoRA-style baseline, and their min/median."""
+    import datetime
+
+    from qalora_hf.fidelity import MATRIX, check_matrix
+    from qalora_hf.metrics import gain_kept
+
+    cells = []
+    for c in DESIGN:
+        f = ROOT / c.name / "fidelity.json"
+        res = json.loads(f.read_text())["results"] if f.is_file() else {}
+        if f"export: {strategy}" not in res:
+            continue
+        lb, lt = res["base GPTQ"]["heldout_loss"], res["trained (adapter, unmerged)"]["heldout_loss"]
+        q = res.get("QLoRA-style: float-merge + fresh GPTQ")
+        cells.append({"name": c.name, **asdict(c), "gain": lb - lt,
+                      "gain_kept": gain_kept(lb, lt, res[f"export: {strategy}"]["heldout_loss"]),
+                      "qlora_style_kept": gain_kept(lb, lt, q["heldout_loss"]) if q else None})
+    counted = [c["gain_kept"] for c in cells if c["gain"] >= MIN_GAIN]
+    matrix = check_matrix({
+        "date": datetime.date.today().isoformat(), "model": "SmolLM2-135M-Instruct",
+        "data": "Alpaca demo rows (900 train / 99 held out)", "command": "python bench/fidelity_matrix.py",
+        "strategy": strategy,
+        "summary": {"cells": len(counted), "min": min(counted), "median": statistics.median(counted)} if counted else None,
+        "cells": cells,
+    })
+    out = REPO / "qalora_hf" / "templates" / MATRIX
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(matrix, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out} ({len(cells)} cells)")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}, without the QLoRA-style baseline")
@@ -201,7 +239,11 @@ def main(argv=None) -> int:
     ap.add_argument("--strategies", default="distill", help="merge strategies to measure in every cell (merge_fidelity.py syntax)")
     ap.add_argument("--no-requant", action="store_true", help="skip the QLoRA-style baseline (a GPTQ run per cell)")
     ap.add_argument("--table", action="store_true", help="only print the table of the cells measured so far")
+    ap.add_argument("--train-only", action="store_true", help="only quantise and train the cells (merge them later)")
     ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--update-card-matrix", metavar="STRATEGY", default=None,
+                    help="write the measured design cells' results for STRATEGY (the default merge) into "
+                         "qalora_hf/templates/fidelity_matrix.json, the summary every model card cites")
     args = ap.parse_args(argv)
 
     missing = pair_coverage(DESIGN)
@@ -216,7 +258,10 @@ def main(argv=None) -> int:
     print(f"design: {len(DESIGN)} cells, every pair of levels of every two factors covered; running {len(names)}", flush=True)
     if not args.table:
         for n in names:
-            run_cell(by_name[n], args.strategies, requant=not (args.no_requant or args.quick), python=args.python)
+            run_cell(by_name[n], args.strategies, requant=not (args.no_requant or args.quick), python=args.python,
+                     train_only=args.train_only)
+    if args.update_card_matrix:
+        write_card_matrix(args.update_card_matrix)
     md, payload = table(DESIGN + [c for c in DIAGNOSTIC if c.name in names or (ROOT / c.name / "fidelity.json").is_file()], strategies)
     print("\n" + md)
     (ROOT.parent / "fidelity_matrix.md").write_text(md + "\n")
