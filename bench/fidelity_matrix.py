@@ -40,12 +40,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 ROOT = REPO / "bench" / "results" / "fidelity_matrix"
 CONFIG = REPO / "recipes" / "configs" / "smollm2_135m_cpu.yaml"
 MIN_GAIN = 0.02  # nats: below this, "gain kept" is noise (issue 17)
 GOAL = 0.99
+REQUANT = "QLoRA-style: float-merge + fresh GPTQ"  # bench/merge_fidelity.py's row of the QLoRA-style baseline
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,9 @@ class Cell:
 
     @property
     def name(self) -> str:
-        lr = f"{self.learning_rate:.0e}".replace("e-0", "e-")
-        return (f"b{self.bits}-g{self.group_size}-{'sym' if self.sym else 'asym'}-{'act' if self.desc_act else 'noact'}"
-                f"-r{self.lora_r}-lr{lr}-s{self.max_steps}")
+        from qalora_hf.fidelity import cell_name
+
+        return cell_name(asdict(self))
 
 
 FACTORS = {
@@ -141,7 +143,7 @@ def run_cell(cell: Cell, strategies: str, requant: bool, python: str, train_only
     wanted = [s for s in strategies.split(",") if s]
     have = set(done["results"]) if done else set()
     todo = [s for s in wanted if f"export: {s}" not in have]
-    need_requant = requant and "QLoRA-style: float-merge + fresh GPTQ" not in have
+    need_requant = requant and REQUANT not in have
     if todo or need_requant:
         print(f"== {cell.name}: merge {','.join(todo) or '-'}{' + QLoRA-style baseline' if need_requant else ''}", flush=True)
         part = d / "fidelity.part.json"
@@ -160,31 +162,42 @@ def run_cell(cell: Cell, strategies: str, requant: bool, python: str, train_only
     return done
 
 
-def table(cells: list[Cell], strategies: list[str]) -> tuple[str, dict]:
+def measured(cell: Cell) -> Optional[dict]:
+    """A measured cell's ``loss_base``, ``loss_trained``, ``gain`` (nats) and, per merge strategy and for
+    ``"QLoRA-style"``, ``loss`` and ``gain_kept``; None when the cell has no ``fidelity.json`` yet."""
     from qalora_hf.metrics import gain_kept
 
+    f = ROOT / cell.name / "fidelity.json"
+    if not f.is_file():
+        return None
+    res = json.loads(f.read_text())["results"]
+    lb, lt = res["base GPTQ"]["heldout_loss"], res["trained (adapter, unmerged)"]["heldout_loss"]
+    out = {"loss_base": lb, "loss_trained": lt, "gain": lb - lt}
+    for key, r in res.items():
+        name = "QLoRA-style" if key == REQUANT else key.removeprefix("export: ") if key.startswith("export: ") else None
+        if name:
+            out[name] = {"loss": r["heldout_loss"], "gain_kept": gain_kept(lb, lt, r["heldout_loss"])}
+    return out
+
+
+def table(cells: list[Cell], strategies: list[str]) -> tuple[str, dict]:
     head = ["cell", "bits", "group", "sym", "act-order", "r", "lr", "steps", "base", "trained", "gain (nats)"]
     head += [f"{s} kept" for s in strategies] + ["QLoRA-style kept"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     summary: dict = {s: [] for s in strategies}
     rows = {}
     for c in cells:
-        f = ROOT / c.name / "fidelity.json"
-        if not f.is_file():
+        row = measured(c)
+        if row is None:
             continue
-        res = json.loads(f.read_text())["results"]
-        lb, lt = res["base GPTQ"]["heldout_loss"], res["trained (adapter, unmerged)"]["heldout_loss"]
-        gain = lb - lt
+        gain = row["gain"]
         cells_out = [c.name + ("" if c in DESIGN else " (diagnostic)"), str(c.bits), str(c.group_size), "sym" if c.sym else "asym", "on" if c.desc_act else "off",
-                     str(c.lora_r), f"{c.learning_rate:g}", str(c.max_steps), f"{lb:.4f}", f"{lt:.4f}", f"{gain:.4f}"]
-        row = {"loss_base": lb, "loss_trained": lt, "gain": gain}
+                     str(c.lora_r), f"{c.learning_rate:g}", str(c.max_steps), f"{row['loss_base']:.4f}", f"{row['loss_trained']:.4f}", f"{gain:.4f}"]
         for s in strategies + ["QLoRA-style"]:
-            key = "QLoRA-style: float-merge + fresh GPTQ" if s == "QLoRA-style" else f"export: {s}"
-            if key not in res:
+            if s not in row:
                 cells_out.append("")
                 continue
-            kept = gain_kept(lb, lt, res[key]["heldout_loss"])
-            row[s] = {"loss": res[key]["heldout_loss"], "gain_kept": kept}
+            kept = row[s]["gain_kept"]
             mark = "" if s == "QLoRA-style" or gain < MIN_GAIN else (" ✓" if kept >= GOAL else f" (−{100 * (GOAL - kept):.1f})")
             cells_out.append(f"{100 * kept:.1f}%{mark}")
             if s in summary and gain >= MIN_GAIN and c in DESIGN:
@@ -203,19 +216,14 @@ def write_card_matrix(strategy: str) -> Path:
     import datetime
 
     from qalora_hf.fidelity import MATRIX, check_matrix
-    from qalora_hf.metrics import gain_kept
 
     cells = []
     for c in DESIGN:
-        f = ROOT / c.name / "fidelity.json"
-        res = json.loads(f.read_text())["results"] if f.is_file() else {}
-        if f"export: {strategy}" not in res:
+        row = measured(c)
+        if row is None or strategy not in row:
             continue
-        lb, lt = res["base GPTQ"]["heldout_loss"], res["trained (adapter, unmerged)"]["heldout_loss"]
-        q = res.get("QLoRA-style: float-merge + fresh GPTQ")
-        cells.append({"name": c.name, **asdict(c), "gain": lb - lt,
-                      "gain_kept": gain_kept(lb, lt, res[f"export: {strategy}"]["heldout_loss"]),
-                      "qlora_style_kept": gain_kept(lb, lt, q["heldout_loss"]) if q else None})
+        cells.append({"name": c.name, **asdict(c), "gain": row["gain"], "gain_kept": row[strategy]["gain_kept"],
+                      "qlora_style_kept": row["QLoRA-style"]["gain_kept"] if "QLoRA-style" in row else None})
     counted = [c["gain_kept"] for c in cells if c["gain"] >= MIN_GAIN]
     matrix = check_matrix({
         "date": datetime.date.today().isoformat(), "model": "SmolLM2-135M-Instruct",

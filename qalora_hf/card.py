@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .fidelity import load_matrix, matrix_cell
+from .fidelity import load_matrix, lr_text, matrix_cell
 from .metrics import METRIC_LABELS, format_metric, gain_kept
 from .safety import assert_no_secrets, find_secrets  # noqa: F401  (re-exported: the card's checks)
 
@@ -151,12 +151,6 @@ def _merge_rows_and_note(merge_metrics: Optional[dict], bits: int) -> tuple[list
     return rows, note
 
 
-def _lr_text(lr: float) -> str:
-    """``2e-4`` for 0.0002, ``1.5e-5`` for 1.5e-05 (the fidelity matrix's cell names)."""
-    mantissa, exp = f"{lr:e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
-
-
 def fidelity_matrix_note(config: Optional[dict], matrix: Optional[dict] = None) -> str:
     """The card's sentences citing the fidelity matrix (:mod:`qalora_hf.fidelity`): this model's configuration, the
     same or nearest measured cell and the fraction of the gain it kept, and the matrix's minimum and median; empty
@@ -174,7 +168,7 @@ def fidelity_matrix_note(config: Optional[dict], matrix: Optional[dict] = None) 
         return ""
     c, cell = config, found["cell"]
     train = ([f"r{c['lora_r']}"] if c.get("lora_r") is not None else []) + (
-        [f"lr {_lr_text(c['learning_rate'])}"] if c.get("learning_rate") is not None else []) + (
+        [f"lr {lr_text(c['learning_rate'])}"] if c.get("learning_rate") is not None else []) + (
         [f"{c['max_steps']} steps"] if c.get("max_steps") is not None else [])
     this = (f"INT{c['bits']}, group {c['group_size']}, {'symmetric' if c['sym'] else 'asymmetric'} GPTQ base, "
             f"act-order {'on' if c['desc_act'] else 'off'}" + (f"; QA-LoRA {', '.join(train)}" if train else ""))

@@ -76,6 +76,19 @@ def model_config(quantization_config: dict, qalora_config: Optional[dict] = None
     }
 
 
+def lr_text(lr: float) -> str:
+    """``2e-4`` for 0.0002, ``1.5e-5`` for 1.5e-05 (as in the matrix's cell names and the card)."""
+    mantissa, exp = f"{lr:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+
+
+def cell_name(config: dict) -> str:
+    """A cell's name from its seven factors, e.g. ``b4-g64-sym-act-r16-lr2e-4-s40``."""
+    c = config
+    return (f"b{c['bits']}-g{c['group_size']}-{'sym' if c['sym'] else 'asym'}-{'act' if c['desc_act'] else 'noact'}"
+            f"-r{c['lora_r']}-lr{lr_text(c['learning_rate'])}-s{c['max_steps']}")
+
+
 def _same(factor: str, a: Any, b: Any) -> bool:
     if factor == "learning_rate":
         return math.isclose(float(a), float(b), rel_tol=1e-6)
