@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--holdout", type=int, default=99)
     ap.add_argument("--calibration", type=int, default=128, help="training rows for H = X^T X")
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--strategies", default="round,gptq,scales,distill", help="comma-separated; distill@N = distill with N steps, distill@N@LR also sets its learning rate")
+    ap.add_argument("--strategies", default="round,gptq,scales,distill", help="comma-separated; distill@N = distill with N steps, distill@N@LR also sets its learning rate ('auto', 'rule' = one run at 2 x the median shift, or a number), distill@N@LR@all distils every position (default: the loss positions)")
     ap.add_argument("--distill-steps", type=int, default=32)
     ap.add_argument("--distill-lr", type=lambda v: v if v == "auto" else float(v), default="auto", help="'auto' (merge_qalora's default) or a number")
     ap.add_argument("--mmlu-per-topic", type=int, default=0, help="0 = skip MMLU")
@@ -115,20 +115,27 @@ def main(argv=None) -> int:
     results["float-merged reference"] = evaluate(ref)
     t = time.time()
     layers = qalora_layers(peft_model)
-    targets = []  # the trained model's top-k next-token log-probabilities, for "distill"
-    hessians = collect_hessians(peft_model, [f"{n}.base_layer" for n in layers], calibration_batches(),
-                                on_output=lambda b, logits: targets.append(teacher_topk(b, logits)))
+    targets = []  # the trained model's top-k next-token log-probabilities at the loss positions, for "distill"
+    targets_all = []  # the same at every non-padding position (the "@all" variant)
+
+    def record(batch, logits):
+        targets.append(teacher_topk(batch, logits))
+        targets_all.append(teacher_topk(batch, logits, loss_positions_only=False))
+
+    hessians = collect_hessians(peft_model, [f"{n}.base_layer" for n in layers], calibration_batches(), on_output=record)
     print(f"H and teacher targets collected on {len(cal_rows)} rows in {time.time() - t:.0f}s", flush=True)
 
     shift_stats = None
     for name in [s for s in args.strategies.split(",") if s]:
-        # "distill@64": the distill strategy with 64 steps; "distill@32@2e-3": 32 steps at distill_lr 2e-3
-        strategy, _, rest = name.partition("@")
-        steps, _, lr = rest.partition("@")
+        # "distill@64": the distill strategy with 64 steps; "distill@32@2e-3": 32 steps at distill_lr 2e-3;
+        # "distill@32@auto@all": distilled at every non-padding position instead of the loss positions only
+        strategy, steps, lr, positions = (name.split("@") + ["", "", ""])[:4]
+        # "rule": the earlier default, one run at 2 x the median shift (merge_qalora's first guess) on every batch
+        lr = args.distill_lr if not lr else (lr if lr == "auto" else _rule_lr(peft_model) if lr == "rule" else float(lr))
         model = copy.deepcopy(peft_model)
         t = time.time()
-        merged, report = merge_qalora(model, strategy=strategy, hessians=hessians, teacher_targets=targets, progress=False,
-                                      distill_steps=int(steps or args.distill_steps), distill_lr=float(lr) if lr else args.distill_lr)
+        merged, report = merge_qalora(model, strategy=strategy, hessians=hessians, teacher_targets=targets_all if positions == "all" else targets,
+                                      progress=False, distill_steps=int(steps or args.distill_steps), distill_lr=lr)
         seconds = time.time() - t
         with tempfile.TemporaryDirectory() as tmp:  # evaluate what lands on disk, reloaded
             export_gptq(merged, Path(tmp) / "m", tokenizer=tok)
@@ -157,6 +164,16 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps({"date": datetime.date.today().isoformat(), "label": args.label, "args": vars(args), "shift": shift_stats, "results": results}, indent=2))
     print(f"wrote {args.out}")
     return 0
+
+
+def _rule_lr(peft_model) -> float:
+    """merge_qalora's first guess of the distillation rate: DISTILL_LR_PER_SHIFT x the median over layers of each
+    layer's median |D/s|, floored at 1e-4."""
+    from qalora_hf.adapter import group_delta
+    from qalora_hf.merge import DISTILL_LR_PER_SHIFT, qalora_layers
+
+    meds = sorted(float((group_delta(m) / m.get_base_layer().scales.float()).abs().median()) for m in qalora_layers(peft_model).values())
+    return max(DISTILL_LR_PER_SHIFT * meds[len(meds) // 2], 1e-4)
 
 
 def _shift_distribution(peft_model) -> dict:

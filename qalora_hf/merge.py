@@ -39,12 +39,12 @@ from .adapter import group_delta
 from .data import forward_inputs
 from .gptq import check_mergeable_kernels, mark_asymmetric
 from .gptq_format import GPTQTensors, count_zero_points_at_0, install_checkpoint_format_hooks, read_layer, write_layer
-from .scale_distillation import distill_scales, teacher_topk
+from .scale_distillation import distill_scales, distill_scales_lr_search, teacher_topk
 from .strategies import STRATEGIES, MergeStrategy, get_strategy  # noqa: F401  (the strategies, as data)
 
 logger = logging.getLogger(__name__)
 
-DISTILL_LR_PER_SHIFT = 2.0  # distill_lr="auto": peak lr = this * median |t| (see merge_qalora)
+DISTILL_LR_PER_SHIFT = 2.0  # distill_lr="auto": first peak lr tried = this * median |t| (see merge_qalora)
 
 
 @dataclass
@@ -107,7 +107,7 @@ class MergeReport:
             "shift_frac_above_half": sum(lr.shift_frac_above_half for lr in self.layers) / max(n, 1),
             "rel_output_error_mean": sum(errs) / len(errs) if errs else None,
             "zero_points_at_0": self.zero_points_at_0,
-            **({f"distill_{k}": v for k, v in self.distill.items()} if self.distill else {}),
+            **({f"distill_{k}": v for k, v in self.distill.items() if not isinstance(v, (list, dict))} if self.distill else {}),
         }
 
     def to_dict(self) -> dict:
@@ -378,10 +378,13 @@ def merge_qalora(
         distill_steps / distill_lr / distill_topk: the ``"distill"`` phase (one calibration batch per
             step; peak Adam learning rate on the scale change in quantisation steps at the end of the code
             range; teacher tokens kept per position); see :func:`qalora_hf.scale_distillation.distill_scales`.
-            ``distill_lr="auto"`` (default) is ``DISTILL_LR_PER_SHIFT *`` the median over layers of each
-            layer's median ``|t|``, floored at ``1e-4`` (docs/merge.md: Adam moves every parameter by about
-            the learning rate per step, so the step must match the size of the correction).  The learning
-            rate used is in ``report.distill["lr"]``.
+            ``distill_lr="auto"`` (default) chooses the rate on held-out calibration batches
+            (:func:`qalora_hf.scale_distillation.distill_scales_lr_search`: every 8th batch is held out; 2-3
+            distillations starting at ``DISTILL_LR_PER_SHIFT *`` the median over layers of each layer's median
+            ``|t|``, floored at ``1e-4``, then 3x larger or smaller; docs/merge.md).  A number runs one
+            distillation at that rate on every batch.  The rate used is in ``report.distill["lr"]`` (None
+            when no distillation beat the ``"scales"`` merge on the held-out batches), the search in
+            ``report.distill["lr_search"]``.
 
     Returns:
         ``(merged_model, report)``: the plain transformers GPTQ model (no PEFT wrapper, no adapter
@@ -464,10 +467,14 @@ def _distill(model, layers, targets, report, originals, hessians, adapter_name, 
     # would also swap modules_to_save back to their untrained originals).
     for module in layers.values():
         module.enable_adapters(False)
-    lr = float(lr) if lr != "auto" else max(DISTILL_LR_PER_SHIFT * report.totals["shift_abs_median"], 1e-4)
+    names = [f"{n}.base_layer" for n in layers]
     try:
-        report.distill = distill_scales(model, [f"{n}.base_layer" for n in layers], targets, steps=steps, lr=lr, progress=progress)
-        report.distill["lr"] = lr
+        if lr == "auto":  # a first guess from the adapter, then the rate the held-out calibration batches prefer
+            guess = max(DISTILL_LR_PER_SHIFT * report.totals["shift_abs_median"], 1e-4)
+            report.distill = distill_scales_lr_search(model, names, targets, lr=guess, steps=steps, progress=progress)
+        else:
+            report.distill = distill_scales(model, names, targets, steps=steps, lr=float(lr), progress=progress)
+            report.distill["lr"] = float(lr)
     finally:
         for module in layers.values():
             module.enable_adapters(True)

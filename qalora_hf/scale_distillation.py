@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .data import forward_inputs
+from .data import IGNORE_INDEX, forward_inputs
 from .gptq_format import read_layer, write_layer
 
 logger = logging.getLogger(__name__)
@@ -55,10 +55,22 @@ class TeacherTargets:
     rest: torch.Tensor
 
 
-def teacher_topk(batch: dict, logits: torch.Tensor, k: int = 32) -> TeacherTargets:
-    """Keep the top-``k`` log-probabilities of ``logits`` [B, T, V] at the non-padding positions of ``batch``."""
+def teacher_topk(batch: dict, logits: torch.Tensor, k: int = 32, loss_positions_only: bool = True) -> TeacherTargets:
+    """Keep the top-``k`` log-probabilities of ``logits`` [B, T, V] at the distilled positions of ``batch``.
+
+    The distilled positions are the non-padding ones; with ``loss_positions_only`` (default) and ``labels`` [B, T] in
+    ``batch``, only those whose next token is counted by the training loss (``labels[:, t + 1] != -100``: the
+    completion tokens of prompt/completion rows, every token of language-modelling rows), i.e. where the fine-tuning
+    gain was made and is measured.  A batch with no such position falls back to every non-padding position.
+    """
     mask = batch.get("attention_mask")
     positions = (mask.bool() if mask is not None else torch.ones(logits.shape[:2], dtype=torch.bool)).cpu()
+    labels = batch.get("labels")
+    if loss_positions_only and isinstance(labels, torch.Tensor) and labels.shape == positions.shape:
+        counted = torch.zeros_like(positions)
+        counted[:, :-1] = labels[:, 1:].cpu() != IGNORE_INDEX
+        if bool((counted & positions).any()):
+            positions = counted & positions
     logp = torch.log_softmax(logits.detach().float(), dim=-1)[positions.to(logits.device)]
     vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
     rest = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
@@ -257,3 +269,107 @@ def distill_scales(
     logger.info("scale distillation: %d steps, top-k KL %s -> %s, %d scales changed", steps, kl_first, kl_last, changed)
     return {"steps": steps, "kl_first": kl_first, "kl_last": kl_last, "scales_changed": changed, "diverged": diverged}
 
+
+
+def heldout_kl(model: nn.Module, targets: list[TeacherTargets]) -> float:
+    """Mean top-k KL (:func:`topk_kl`, nats per distilled position) of ``model`` to the teacher on ``targets``,
+    weighted by each batch's positions; forward only, in eval mode."""
+    was_training = model.training
+    model.eval()
+    in_dev = model.get_input_embeddings().weight.device
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for t in targets:
+                logits = model(**forward_inputs(t.batch, in_dev)).logits
+                dev = logits.device
+                logp = torch.log_softmax(logits.float()[t.positions.to(dev)], dim=-1)
+                kl = topk_kl(t.logprobs.to(dev).float(), logp.gather(-1, t.indices.to(dev).long()), t.rest.to(dev))
+                n = int(t.positions.sum())
+                total, count = total + float(kl) * n, count + n
+    finally:
+        model.train(was_training)
+    return total / count if count else float("nan")
+
+
+def distill_scales_lr_search(
+    model: nn.Module,
+    layer_names: list[str],
+    targets: list[TeacherTargets],
+    lr: float,
+    steps: int = 32,
+    factor: float = 3.0,
+    max_runs: int = 3,
+    holdout_every: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """:func:`distill_scales` with the peak learning rate chosen on held-out calibration batches.
+
+    Every ``holdout_every``-th batch of ``targets`` is kept out of the distillation.  The search starts at ``lr``
+    (a guess from the adapter, see :func:`qalora_hf.merge.merge_qalora`), then ``lr * factor``, and goes on in the
+    direction that lowered the held-out KL (``lr / factor`` if the larger rate was worse), for at most ``max_runs``
+    full distillations of ``steps`` steps each, every one from the same starting scales.  The scales of the run
+    with the lowest held-out KL (:func:`heldout_kl`) are written; none are if no run beats the starting scales.
+    Why held out: the KL on the batches being fitted is lower at too small a rate while the held-out loss is
+    worse (docs/fidelity_matrix.md), so only rows the distillation never saw can judge the step size.
+
+    Args:
+        lr: the first peak learning rate tried (> 0).
+        factor: ratio between successive rates tried (> 1).
+        max_runs: distillations at most (>= 1); the cost is up to ``max_runs`` times that of :func:`distill_scales`.
+        holdout_every: the held-out batches are ``targets[holdout_every - 1 :: holdout_every]`` (at least one;
+            with fewer than two batches there is no search: one run at ``lr`` on all of them).
+        steps / seed / progress: as in :func:`distill_scales`.
+
+    Returns:
+        The chosen run's :func:`distill_scales` dict plus ``"lr"`` (the rate chosen; None if the starting scales
+        were kept), ``"lr_search"`` (list of ``{"lr", "heldout_kl"}`` per run, in order), ``"heldout_kl_before"``
+        (held-out KL of the starting scales) and ``"heldout_batches"``.
+    """
+    if len(targets) < 2:
+        return {**distill_scales(model, layer_names, targets, steps=steps, lr=lr, seed=seed, progress=progress),
+                "lr": lr, "lr_search": [], "heldout_kl_before": None, "heldout_batches": 0}
+    k = max(2, min(holdout_every, len(targets)))
+    held = targets[k - 1 :: k]
+    fit = [t for i, t in enumerate(targets) if i % k != k - 1]
+    layers = {n: model.get_submodule(n) for n in layer_names}
+    start = {n: m.scales.detach().clone() for n, m in layers.items()}
+
+    def restore(scales):
+        for n, m in layers.items():
+            write_layer(m, scales=scales[n].float().cpu())
+
+    best = {"kl": heldout_kl(model, held), "lr": None, "scales": start, "run": None}
+    before = best["kl"]
+    search: list[dict] = []
+    tried: dict[float, float] = {}
+
+    def run(rate: float) -> float:
+        restore(start)
+        out = distill_scales(model, layer_names, fit, steps=steps, lr=rate, seed=seed, progress=progress)
+        kl = float("inf") if out["diverged"] else heldout_kl(model, held)
+        search.append({"lr": rate, "heldout_kl": kl})
+        tried[rate] = kl
+        logger.info("scale distillation at lr %.3g: held-out KL %.5f (before: %.5f)", rate, kl, before)
+        if kl < best["kl"]:
+            best.update(kl=kl, lr=rate, scales={n: m.scales.detach().clone() for n, m in layers.items()}, run=out)
+        return kl
+
+    rate = lr
+    run(rate)
+    direction = factor
+    for _ in range(max_runs - 1):
+        nxt = rate * direction
+        kl_next = run(nxt)
+        if kl_next < tried[rate]:
+            rate = nxt  # keep going this way
+        elif direction > 1 and len(tried) == 2:
+            direction, rate = 1 / factor, lr  # the larger rate was worse: try smaller ones
+        else:
+            break
+    restore(best["scales"])
+    chosen = best["run"] or {"steps": 0, "kl_first": None, "kl_last": None, "scales_changed": 0, "diverged": False}
+    if best["run"] is not None:
+        chosen = {**chosen, "scales_changed": sum(int((layers[n].scales != start[n]).sum()) for n in layers)}
+    return {**chosen, "lr": best["lr"], "lr_search": search, "heldout_kl_before": before, "heldout_batches": len(held)}

@@ -8,6 +8,7 @@ References are built independently of the library: W_base from gptqmodel's own
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -442,23 +443,78 @@ def test_distill_divergence_keeps_the_scales(load_tiny_gptq, calibration_batches
         assert all(torch.equal(a, b) for a, b in zip(tensors, out["distill"][n])), n
 
 
-def test_distill_auto_lr_follows_the_shift_size(load_tiny_gptq, calibration_batches):
-    """distill_lr="auto": peak lr = DISTILL_LR_PER_SHIFT * median over layers of each layer's median |D/s|,
-    recomputed here from the adapters before the merge; 10x smaller adapters get a 10x smaller lr."""
+def test_distill_auto_lr_search_starts_at_the_shift_size(load_tiny_gptq, calibration_batches):
+    """distill_lr="auto": the first rate tried is DISTILL_LR_PER_SHIFT * median over layers of each layer's median
+    |D/s| (recomputed here from the adapters before the merge; 10x smaller adapters start 10x lower), the next ones
+    3x apart, and the rate kept is the tried one with the lowest held-out KL."""
     from qalora_hf.adapter import group_delta
     from qalora_hf.merge import DISTILL_LR_PER_SHIFT, qalora_layers
 
-    lrs = {}
+    first = {}
     for shift_std in (0.3, 0.03):
         pm = get_qalora_model(load_tiny_gptq(4, False, False), QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "down_proj"]))
         randomize_adapters(pm, seed=3, shift_std=shift_std)
         medians = sorted(float((group_delta(m) / m.get_base_layer().scales.float()).abs().median()) for m in qalora_layers(pm).values())
         expected = DISTILL_LR_PER_SHIFT * medians[len(medians) // 2]
         _, report = merge_qalora(pm, strategy="distill", calibration=calibration_batches, progress=False, distill_steps=2)
-        assert report.distill["lr"] == pytest.approx(expected, rel=1e-3)
-        assert report.totals["distill_lr"] == report.distill["lr"]
-        lrs[shift_std] = report.distill["lr"]
-    assert lrs[0.03] == pytest.approx(lrs[0.3] / 10, rel=0.2)
+        search = report.distill["lr_search"]
+        assert report.distill["heldout_batches"] == 1 and 2 <= len(search) <= 3
+        assert search[0]["lr"] == pytest.approx(expected, rel=1e-3)
+        assert search[1]["lr"] == pytest.approx(3 * expected, rel=1e-6)
+        best = min(search, key=lambda r: r["heldout_kl"])
+        if best["heldout_kl"] < report.distill["heldout_kl_before"]:
+            assert report.distill["lr"] == best["lr"] and report.totals["distill_lr"] == best["lr"]
+        else:
+            assert report.distill["lr"] is None and report.distill["scales_changed"] == 0
+        assert "distill_lr_search" not in report.totals  # totals stay scalars
+        first[shift_std] = search[0]["lr"]
+    assert first[0.03] == pytest.approx(first[0.3] / 10, rel=0.2)
+
+
+def test_distill_lr_search_writes_the_best_held_out_run(load_tiny_gptq, calibration_batches):
+    """The scales written are those of the run with the lowest held-out KL: the merged model's KL on the held-out
+    batch (targets[3::4] of 4) equals the best one reported, and beats the 'scales' merge's (the start)."""
+    from qalora_hf.merge import collect_hessians
+    from qalora_hf.scale_distillation import heldout_kl, teacher_topk
+
+    model = fp32_scales(load_tiny_gptq(4, False, False))
+    with torch.no_grad():
+        model.model.norm.weight.mul_(30.0)  # sharpen the random model's logits (see test_merge_distill_strategy)
+    pm = get_qalora_model(model, QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "down_proj"]))
+    randomize_adapters(pm, seed=13, shift_std=0.3)
+    targets = []
+    hessians = collect_hessians(pm, [f"{n}.base_layer" for n in qalora_layers(pm)], calibration_batches,
+                                on_output=lambda b, logits: targets.append(teacher_topk(b, logits)))
+    merged, report = merge_qalora(copy.deepcopy(pm), strategy="distill", hessians=hessians, teacher_targets=targets, progress=False,
+                                  distill_steps=12)
+    scales_only, _ = merge_qalora(copy.deepcopy(pm), strategy="scales", hessians=hessians, progress=False)
+    held = targets[3::4]
+    best = min(r["heldout_kl"] for r in report.distill["lr_search"])
+    assert heldout_kl(merged, held) == pytest.approx(best, rel=1e-4)
+    assert heldout_kl(scales_only, held) == pytest.approx(report.distill["heldout_kl_before"], rel=1e-4)
+    assert best < report.distill["heldout_kl_before"]
+    assert report.distill["lr"] in [r["lr"] for r in report.distill["lr_search"]]
+
+
+def test_teacher_targets_at_the_loss_positions(tiny_tok):
+    """teacher_topk keeps the positions whose next token the loss counts (labels[t + 1] != -100, not padding), the
+    log-softmax of the logits there; loss_positions_only=False (or no labels) keeps every non-padding position."""
+    from qalora_hf.scale_distillation import teacher_topk
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    labels = torch.tensor([[-100, -100, -100, 7, 8, 9], [-100, -100, 5, 6, -100, -100]])
+    logits = torch.randn(2, 6, 50)
+    t = teacher_topk({"input_ids": ids, "attention_mask": mask, "labels": labels}, logits, k=4)
+    want = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(t.positions, want)
+    ref = torch.log_softmax(logits, -1)[want].topk(4, -1)
+    torch.testing.assert_close(t.logprobs.float(), ref.values, atol=1e-3, rtol=0)
+    assert torch.equal(t.indices.long(), ref.indices)
+    for kwargs, batch in (({"loss_positions_only": False}, {"labels": labels}), ({}, {})):
+        t_all = teacher_topk({"input_ids": ids, "attention_mask": mask, **batch}, logits, k=4, **kwargs)
+        assert torch.equal(t_all.positions, mask.bool())
 
 
 @pytest.mark.parametrize("bad", ["fast", 0.0, -1e-3, True])
