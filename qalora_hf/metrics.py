@@ -45,6 +45,8 @@ METRIC_LABELS: dict[str, str] = {
     "distill_steps": "scale-distillation steps (strategy `distill`)",
     "distill_lr": "scale-distillation peak learning rate (default: chosen on held-out calibration batches)",
     "distill_heldout_kl_before": "top-k KL to the trained model before the distillation (nats/token, held-out calibration batches)",
+    "distill_heldout_loss_before": "cross-entropy on the labels before the distillation (nats/token, held-out calibration batches)",
+    "distill_lr_criterion": "what chose the distillation's learning rate on the held-out batches (loss: labels' cross-entropy; kl: top-k KL)",
     "distill_heldout_batches": "calibration batches held out to choose the distillation's learning rate",
     "distill_kl_first": "top-k KL to the trained model, first distillation step (nats/token, calibration rows)",
     "distill_kl_last": "top-k KL to the trained model, last distillation step (nats/token, calibration rows)",

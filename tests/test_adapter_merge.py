@@ -461,6 +461,7 @@ def test_distill_auto_lr_search_starts_at_the_shift_size(load_tiny_gptq, calibra
         assert report.distill["heldout_batches"] == 1 and 2 <= len(search) <= 3
         assert search[0]["lr"] == pytest.approx(expected, rel=1e-3)
         assert search[1]["lr"] == pytest.approx(3 * expected, rel=1e-6)
+        assert report.distill["lr_criterion"] == "kl"  # these batches have no labels
         best = min(search, key=lambda r: r["heldout_kl"])
         if best["heldout_kl"] < report.distill["heldout_kl_before"]:
             assert report.distill["lr"] == best["lr"] and report.totals["distill_lr"] == best["lr"]
@@ -472,27 +473,43 @@ def test_distill_auto_lr_search_starts_at_the_shift_size(load_tiny_gptq, calibra
 
 
 def test_distill_lr_search_writes_the_best_held_out_run(load_tiny_gptq, calibration_batches):
-    """The scales written are those of the run with the lowest held-out KL: the merged model's KL on the held-out
-    batch (targets[3::4] of 4) equals the best one reported, and beats the 'scales' merge's (the start)."""
-    from qalora_hf.merge import collect_hessians
-    from qalora_hf.scale_distillation import heldout_kl, teacher_topk
+    """With labels, the rate is chosen on the held-out batch's cross-entropy (targets[3::4] of 4): the merged model's
+    loss there, recomputed with F.cross_entropy on the shifted labels, equals the best one reported, beats the
+    'scales' merge's (the start), and the written scales are those of that run."""
+    import torch.nn.functional as F
 
+    from qalora_hf.merge import collect_hessians
+    from qalora_hf.scale_distillation import heldout_scores, teacher_topk
+
+    batches = []
+    for b in calibration_batches:  # a 3-token "prompt" the loss ignores, and no loss on padding
+        labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        labels[:, :3] = -100
+        batches.append({**b, "labels": labels})
     model = fp32_scales(load_tiny_gptq(4, False, False))
     with torch.no_grad():
         model.model.norm.weight.mul_(30.0)  # sharpen the random model's logits (see test_merge_distill_strategy)
     pm = get_qalora_model(model, QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "down_proj"]))
     randomize_adapters(pm, seed=13, shift_std=0.3)
     targets = []
-    hessians = collect_hessians(pm, [f"{n}.base_layer" for n in qalora_layers(pm)], calibration_batches,
+    hessians = collect_hessians(pm, [f"{n}.base_layer" for n in qalora_layers(pm)], batches,
                                 on_output=lambda b, logits: targets.append(teacher_topk(b, logits)))
     merged, report = merge_qalora(copy.deepcopy(pm), strategy="distill", hessians=hessians, teacher_targets=targets, progress=False,
                                   distill_steps=12)
     scales_only, _ = merge_qalora(copy.deepcopy(pm), strategy="scales", hessians=hessians, progress=False)
-    held = targets[3::4]
-    best = min(r["heldout_kl"] for r in report.distill["lr_search"])
-    assert heldout_kl(merged, held) == pytest.approx(best, rel=1e-4)
-    assert heldout_kl(scales_only, held) == pytest.approx(report.distill["heldout_kl_before"], rel=1e-4)
-    assert best < report.distill["heldout_kl_before"]
+    held = batches[3]
+
+    def loss(m):
+        with torch.no_grad():
+            logits = m(input_ids=held["input_ids"], attention_mask=held["attention_mask"]).logits
+        return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), held["labels"][:, 1:].flatten(), ignore_index=-100))
+
+    assert report.distill["lr_criterion"] == "loss"
+    best = min(r["heldout_loss"] for r in report.distill["lr_search"])
+    assert loss(merged) == pytest.approx(best, rel=1e-4)
+    assert heldout_scores(merged, targets[3:4])["loss"] == pytest.approx(best, rel=1e-4)
+    assert loss(scales_only) == pytest.approx(report.distill["heldout_loss_before"], rel=1e-4)
+    assert best < report.distill["heldout_loss_before"]
     assert report.distill["lr"] in [r["lr"] for r in report.distill["lr_search"]]
 
 
@@ -512,9 +529,10 @@ def test_teacher_targets_at_the_loss_positions(tiny_tok):
     ref = torch.log_softmax(logits, -1)[want].topk(4, -1)
     torch.testing.assert_close(t.logprobs.float(), ref.values, atol=1e-3, rtol=0)
     assert torch.equal(t.indices.long(), ref.indices)
+    assert torch.equal(t.labels, torch.tensor([7, 8, 9, 5, 6]))  # the next token at each kept position
     for kwargs, batch in (({"loss_positions_only": False}, {"labels": labels}), ({}, {})):
         t_all = teacher_topk({"input_ids": ids, "attention_mask": mask, **batch}, logits, k=4, **kwargs)
-        assert torch.equal(t_all.positions, mask.bool())
+        assert torch.equal(t_all.positions, mask.bool()) and t_all.labels is None
 
 
 @pytest.mark.parametrize("bad", ["fast", 0.0, -1e-3, True])
