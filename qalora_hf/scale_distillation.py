@@ -325,7 +325,7 @@ def distill_scales_lr_search(
     fine-tuning gain the merge must keep, when the targets carry labels (:func:`teacher_topk` at the loss
     positions), else the held-out top-k KL to the teacher.  The best-scoring rate is then run once more on every
     batch (held-out ones included) and those scales are written; none are if no run beats the starting scales.
-    (On SmolLM2-135M, fitting 7/8 of 128 rows instead of all of them cost 1.1 points of gain kept at the same
+    (On SmolLM2-135M, fitting 7/8 of 128 rows instead of all of them cost 0.5 points of gain kept at the same
     rate, docs/fidelity_matrix.md.)  Why not the KL when labels exist: on SmolLM2-135M (INT4, group 64,
     symmetric, act-order) the held-out KL was lowest at a rate whose merge kept 95 % of the gain, and 3x higher at
     the rate that kept 98 % (docs/fidelity_matrix.md).
