@@ -167,13 +167,13 @@ def main(argv=None) -> int:
 
 
 def _rule_lr(peft_model) -> float:
-    """merge_qalora's first guess of the distillation rate: DISTILL_LR_PER_SHIFT x the median over layers of each
-    layer's median |D/s|, floored at 1e-4."""
+    """merge_qalora's first guess of the distillation rate (distill_lr_guess of the median over layers of each
+    layer's median |D/s|), from the adapters before any merge."""
     from qalora_hf.adapter import group_delta
-    from qalora_hf.merge import DISTILL_LR_PER_SHIFT, qalora_layers
+    from qalora_hf.merge import distill_lr_guess, qalora_layers
 
     meds = sorted(float((group_delta(m) / m.get_base_layer().scales.float()).abs().median()) for m in qalora_layers(peft_model).values())
-    return max(DISTILL_LR_PER_SHIFT * meds[len(meds) // 2], 1e-4)
+    return distill_lr_guess(meds[len(meds) // 2])
 
 
 def _shift_distribution(peft_model) -> dict:

@@ -47,6 +47,12 @@ logger = logging.getLogger(__name__)
 DISTILL_LR_PER_SHIFT = 2.0  # distill_lr="auto": first peak lr tried = this * median |t| (see merge_qalora)
 
 
+def distill_lr_guess(shift_abs_median: float) -> float:
+    """The first distillation rate ``distill_lr="auto"`` tries: ``DISTILL_LR_PER_SHIFT *`` the median over layers of
+    each layer's median ``|t|`` (``MergeReport.totals["shift_abs_median"]``, quantisation steps), floored at 1e-4."""
+    return max(DISTILL_LR_PER_SHIFT * shift_abs_median, 1e-4)
+
+
 @dataclass
 class LayerMergeReport:
     """What the merge did to one layer.
@@ -470,7 +476,7 @@ def _distill(model, layers, targets, report, originals, hessians, adapter_name, 
     names = [f"{n}.base_layer" for n in layers]
     try:
         if lr == "auto":  # a first guess from the adapter, then the rate the held-out calibration batches prefer
-            guess = max(DISTILL_LR_PER_SHIFT * report.totals["shift_abs_median"], 1e-4)
+            guess = distill_lr_guess(report.totals["shift_abs_median"])
             report.distill = distill_scales_lr_search(model, names, targets, lr=guess, steps=steps, progress=progress)
         else:
             report.distill = distill_scales(model, names, targets, steps=steps, lr=float(lr), progress=progress)

@@ -275,7 +275,6 @@ def distill_scales(
     return {"steps": steps, "kl_first": kl_first, "kl_last": kl_last, "scales_changed": changed, "diverged": diverged}
 
 
-
 def heldout_scores(model: nn.Module, targets: list[TeacherTargets]) -> dict:
     """``{"kl", "loss"}`` of ``model`` on ``targets``, forward only, in eval mode: the mean top-k KL to the teacher
     (:func:`topk_kl`, nats per distilled position) and the mean next-token cross-entropy on the labels (nats per
