@@ -162,12 +162,12 @@ def run_cell(cell: Cell, strategies: str, requant: bool, python: str, train_only
     return done
 
 
-def measured(cell: Cell) -> Optional[dict]:
+def measured(cell: Cell, root: Path = ROOT) -> Optional[dict]:
     """A measured cell's ``loss_base``, ``loss_trained``, ``gain`` (nats) and, per merge strategy and for
     ``"QLoRA-style"``, ``loss`` and ``gain_kept``; None when the cell has no ``fidelity.json`` yet."""
     from qalora_hf.metrics import gain_kept
 
-    f = ROOT / cell.name / "fidelity.json"
+    f = root / cell.name / "fidelity.json"
     if not f.is_file():
         return None
     res = json.loads(f.read_text())["results"]
@@ -210,33 +210,44 @@ def table(cells: list[Cell], strategies: list[str]) -> tuple[str, dict]:
     return "\n".join(lines + [""] + foot), {"rows": rows, "summary": stats}
 
 
-def write_card_matrix(strategy: str) -> Path:
-    """The package-data summary the model card cites (``qalora_hf/fidelity.py``): every measured design cell's
-    ``gain`` (nats), ``gain_kept`` of ``strategy`` and of the QLoRA-style baseline, and their min/median."""
+def write_card_matrix(strategy: str, root: Path = ROOT, out: Optional[Path] = None) -> Path:
+    """Write the package-data summary the model card cites (``qalora_hf/templates/fidelity_matrix.json``, read by
+    ``qalora_hf/fidelity.py``): every design cell's ``gain`` (nats), ``gain_kept`` of ``strategy`` and of the
+    QLoRA-style baseline, the ``date`` it was measured, and the min/median over the cells with a gain >= MIN_GAIN.
+
+    A cell measured on this machine (``bench/results/fidelity_matrix/<cell>/fidelity.json``) replaces the shipped
+    entry; a shipped cell of the same ``strategy`` that is not on disk is kept as it was (results are git-ignored,
+    so a fresh clone that measures one cell must not drop the others).  ``root``/``out``: the results folder and the
+    file written (default: the package's; tests point both elsewhere)."""
     import datetime
 
-    from qalora_hf.fidelity import MATRIX, check_matrix
+    from qalora_hf.fidelity import MATRIX, check_matrix, load_matrix
 
+    today = datetime.date.today().isoformat()
+    out = REPO / "qalora_hf" / "templates" / MATRIX if out is None else out
+    shipped = check_matrix(json.loads(out.read_text())) if out.is_file() else load_matrix()
+    old = {c["name"]: {"date": shipped["date"], **c} for c in shipped["cells"]} if shipped["strategy"] == strategy else {}
     cells = []
     for c in DESIGN:
-        row = measured(c)
-        if row is None or strategy not in row:
-            continue
-        cells.append({"name": c.name, **asdict(c), "gain": row["gain"], "gain_kept": row[strategy]["gain_kept"],
-                      "qlora_style_kept": row["QLoRA-style"]["gain_kept"] if "QLoRA-style" in row else None})
+        row = measured(c, root)
+        if row is not None and strategy in row:
+            cells.append({"name": c.name, **asdict(c), "gain": row["gain"], "gain_kept": row[strategy]["gain_kept"],
+                          "qlora_style_kept": row["QLoRA-style"]["gain_kept"] if "QLoRA-style" in row else None,
+                          "date": today})
+        elif c.name in old:
+            cells.append(old[c.name])
     counted = [c["gain_kept"] for c in cells if c["gain"] >= MIN_GAIN]
     matrix = check_matrix({
-        "date": datetime.date.today().isoformat(), "model": "SmolLM2-135M-Instruct",
+        "date": today, "model": "SmolLM2-135M-Instruct",
         "data": "Alpaca demo rows (900 train / 99 held out)", "command": "python bench/fidelity_matrix.py",
         "strategy": strategy,
         "summary": {"cells": len(counted), "min": min(counted), "median": statistics.median(counted)} if counted else None,
         "cells": cells,
     })
-    out = REPO / "qalora_hf" / "templates" / MATRIX
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(matrix, indent=2) + "\n")
     tmp.replace(out)
-    print(f"wrote {out} ({len(cells)} cells)")
+    print(f"wrote {out} ({len(cells)} cells, {sum(c['date'] == today for c in cells)} measured today)")
     return out
 
 
@@ -251,20 +262,22 @@ def main(argv=None) -> int:
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--update-card-matrix", metavar="STRATEGY", default=None,
                     help="write the measured design cells' results for STRATEGY (the default merge) into "
-                         "qalora_hf/templates/fidelity_matrix.json, the summary every model card cites")
+                         "qalora_hf/templates/fidelity_matrix.json, the summary every model card cites (cells not "
+                         "measured here keep their shipped entry); alone, it runs nothing")
     args = ap.parse_args(argv)
 
     missing = pair_coverage(DESIGN)
     if missing:
         raise SystemExit(f"DESIGN misses level pairs: {missing}")
     by_name = {c.name: c for c in DESIGN + DIAGNOSTIC}
-    names = QUICK if args.quick else (args.cells.split(",") if args.cells else list(by_name))
+    names = QUICK if args.quick else (args.cells.split(",") if args.cells else [c.name for c in DESIGN])
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise SystemExit(f"unknown cells {unknown}; the design's cells: {', '.join(by_name)}")
     strategies = [s for s in args.strategies.split(",") if s]
     print(f"design: {len(DESIGN)} cells, every pair of levels of every two factors covered; running {len(names)}", flush=True)
-    if not args.table:
+    run = not args.table and not (args.update_card_matrix and not (args.cells or args.quick))
+    if run:  # --update-card-matrix alone writes what is measured; it never starts the whole design
         for n in names:
             run_cell(by_name[n], args.strategies, requant=not (args.no_requant or args.quick), python=args.python,
                      train_only=args.train_only)

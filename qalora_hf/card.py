@@ -172,7 +172,7 @@ def fidelity_matrix_note(config: Optional[dict], matrix: Optional[dict] = None) 
         [f"{c['max_steps']} steps"] if c.get("max_steps") is not None else [])
     this = (f"INT{c['bits']}, group {c['group_size']}, {'symmetric' if c['sym'] else 'asymmetric'} GPTQ base, "
             f"act-order {'on' if c['desc_act'] else 'off'}" + (f"; QA-LoRA {', '.join(train)}" if train else ""))
-    where = ", ".join(str(x) for x in (matrix.get("date"), matrix.get("model")) if x)
+    where = ", ".join(str(x) for x in (cell.get("date", matrix.get("date")), matrix.get("model")) if x)  # the cell's own date
     if found["exact"]:
         which = f"the same configuration (`{cell['name']}`)"
     else:

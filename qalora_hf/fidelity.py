@@ -9,10 +9,11 @@ of the fine-tuning gain the merged GPTQ export keeps.  A summary ships as packag
      "strategy": "distill", "summary": {"cells": 9, "min": 0.97, "median": 0.985},
      "cells": [{"name": "b4-g32-asym-noact-r16-lr2e-4-s40", "bits": 4, "group_size": 32, "sym": false,
                 "desc_act": false, "lora_r": 16, "learning_rate": 0.0002, "max_steps": 40,
-                "gain": 0.17, "gain_kept": 0.981, "qlora_style_kept": 0.54}]}
+                "gain": 0.17, "gain_kept": 0.981, "qlora_style_kept": 0.54, "date": "2026-12-02"}]}
 
 ``gain`` is in nats per token (held-out loss of the base minus that of the trained model), ``gain_kept`` and
-``qlora_style_kept`` are fractions (1.0 = the whole gain), ``summary`` is over the cells the benchmark counts (its
+``qlora_style_kept`` are fractions (1.0 = the whole gain), a cell's optional ``date`` is when it was measured
+(the card cites it; else the matrix's ``date``), ``summary`` is over the cells the benchmark counts (its
 ``min`` and ``median`` of ``gain_kept``).  An empty matrix (``"cells": []``) makes :func:`matrix_cell` return None and
 the card say nothing.
 """

@@ -123,3 +123,10 @@ def test_shipped_matrix_is_well_formed():
         assert matrix_cell(config)["exact"] and fidelity_matrix_note(config)
     else:
         assert matrix_cell(DEMO) is None and fidelity_matrix_note(DEMO) == ""
+
+
+def test_card_cites_the_cells_own_date():
+    dated = copy.deepcopy(MATRIX)
+    dated["cells"][0]["date"] = "2026-11-28"
+    assert "(`bench/fidelity_matrix.py`, 2026-11-28, SmolLM2-135M-Instruct)" in fidelity_matrix_note(DEMO, dated)
+    assert "(`bench/fidelity_matrix.py`, 2026-12-02, SmolLM2-135M-Instruct)" in fidelity_matrix_note(DEMO, MATRIX)

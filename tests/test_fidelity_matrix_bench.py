@@ -1,0 +1,70 @@
+"""bench/fidelity_matrix.py's bookkeeping (issue 17): the design covers every pair of factor levels, and the card's
+matrix keeps the shipped cells a fresh clone did not re-measure while replacing the ones it did."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def fm():
+    spec = importlib.util.spec_from_file_location("fidelity_matrix_bench", REPO / "bench" / "fidelity_matrix.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    yield mod
+    del sys.modules[spec.name]
+
+
+def test_design_is_a_pairwise_covering_array(fm):
+    assert fm.pair_coverage(fm.DESIGN) == []
+    # Without the 2-bit asymmetric act-order cell, pairs only it held are reported missing.
+    missing = fm.pair_coverage([c for c in fm.DESIGN if c.name != "b2-g32-asym-act-r64-lr2e-5-s40"])
+    assert "bits=2 x group_size=32" in missing and "bits=2 x learning_rate=2e-05" in missing
+
+
+def _fidelity(root: Path, cell, base: float, trained: float, export: float, requant: float) -> None:
+    d = root / cell.name
+    d.mkdir(parents=True)
+    res = {"base GPTQ": {"heldout_loss": base}, "trained (adapter, unmerged)": {"heldout_loss": trained},
+           "export: distill": {"heldout_loss": export}, "QLoRA-style: float-merge + fresh GPTQ": {"heldout_loss": requant}}
+    (d / "fidelity.json").write_text(json.dumps({"results": res}))
+
+
+def test_card_matrix_keeps_unmeasured_cells_and_replaces_measured_ones(fm, tmp_path):
+    demo, weak, third = fm.DESIGN[0], fm.DESIGN[1], fm.DESIGN[2]
+    old_cell = lambda c, kept: {"name": c.name, **fm.asdict(c), "gain": 0.1, "gain_kept": kept, "qlora_style_kept": None}
+    shipped = {"date": "2026-11-30", "model": "SmolLM2-135M-Instruct", "data": "d", "command": "c", "strategy": "distill",
+               "summary": {"cells": 2, "min": 0.5, "median": 0.6},
+               "cells": [old_cell(demo, 0.5), {**old_cell(weak, 0.7), "date": "2026-11-29"}]}
+    out = tmp_path / "fidelity_matrix.json"
+    out.write_text(json.dumps(shipped))
+    root = tmp_path / "results"
+    _fidelity(root, demo, 2.0, 1.8, 1.802, 1.9)     # 99 % kept, QLoRA-style 50 %
+    _fidelity(root, third, 3.0, 2.0, 2.05, 2.5)     # 95 % kept
+
+    fm.write_card_matrix("distill", root=root, out=out)
+    got = json.loads(out.read_text())
+    today = datetime.date.today().isoformat()
+    by = {c["name"]: c for c in got["cells"]}
+    assert [c["name"] for c in got["cells"]] == [demo.name, weak.name, third.name]  # DESIGN order
+    assert by[demo.name]["gain_kept"] == pytest.approx(0.99) and by[demo.name]["qlora_style_kept"] == pytest.approx(0.5)
+    assert by[demo.name]["gain"] == pytest.approx(0.2) and by[demo.name]["date"] == today
+    assert by[weak.name] == {**shipped["cells"][1]}  # not on disk: kept as shipped, with its own date
+    assert by[third.name]["gain_kept"] == pytest.approx(0.95)
+    assert got["summary"]["cells"] == 3 and got["summary"]["min"] == pytest.approx(0.7)
+    assert got["summary"]["median"] == pytest.approx(0.95)
+    assert not list(tmp_path.glob("*.tmp"))
+
+    # A shipped matrix of another strategy is not mixed in: only what is measured for this one.
+    out.write_text(json.dumps({**shipped, "strategy": "round"}))
+    fm.write_card_matrix("distill", root=root, out=out)
+    assert [c["name"] for c in json.loads(out.read_text())["cells"]] == [demo.name, third.name]
