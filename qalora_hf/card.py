@@ -298,7 +298,7 @@ def serve_section(*, gptq_repo_id: Optional[str], awq_repo_id: Optional[str], bi
             "| engine | GPTQ export: kernel | AWQ export: kernel |",
             "|---|---|---|",
             "| vLLM | ExLlama `gptq_gemm`, the slow path (vLLM's GPTQ-Marlin takes `sym=True` only) | "
-            f"**Marlin with zero-points** (`awq_marlin`; group sizes 32/64/128) |",
+            "**Marlin with zero-points** (`awq_marlin`; group sizes 32/64/128) |",
             "| SGLang | ExLlama fallback (the same `sym` test) | **AWQ-Marlin** (takes zero-points) |",
             "| transformers + gptqmodel | GPU: ExLlamaV2 (gptqmodel's Marlin takes `sym=True` only, Machete no group "
             "size 32); CPU: gptqmodel's torch kernels | GPU: gptqmodel's AWQ kernels (Marlin/Machete AWQ, by priority); "
