@@ -46,8 +46,9 @@ class TeacherTargets:
         logprobs: fp16 [P, k], log-softmax of the teacher's logits at those positions (nats).
         indices: int32 [P, k], the token ids of those log-probabilities.
         rest: float32 [P], log of the teacher's probability mass outside the top-k (exact, from the logits).
-        labels: int64 [P], the next token the training loss counts at each position, when ``positions`` came from
-            the batch's ``labels``; else None.
+        labels: int64 [P], the next token the training loss counts at each distilled position, ``IGNORE_INDEX``
+            (-100) where it counts none (only with ``loss_positions_only=False``), when the batch has ``labels``;
+            else None.  Only :func:`heldout_scores` reads them (the cross-entropy the learning-rate search scores).
     """
 
     batch: dict
@@ -65,17 +66,19 @@ def teacher_topk(batch: dict, logits: torch.Tensor, k: int = 32, loss_positions_
     ``batch``, only those whose next token is counted by the training loss (``labels[:, t + 1] != -100``: the
     completion tokens of prompt/completion rows, every token of language-modelling rows), i.e. where the fine-tuning
     gain was made and is measured.  A batch with no such position falls back to every non-padding position.
+    Either way the targets keep the batch's next-token labels (:class:`TeacherTargets`), to score held-out runs.
     """
     mask = batch.get("attention_mask")
     positions = (mask.bool() if mask is not None else torch.ones(logits.shape[:2], dtype=torch.bool)).cpu()
     labels = batch.get("labels")
     next_labels = None
-    if loss_positions_only and isinstance(labels, torch.Tensor) and labels.shape == positions.shape:
+    if isinstance(labels, torch.Tensor) and labels.shape == positions.shape:
         nxt = torch.full(positions.shape, IGNORE_INDEX, dtype=torch.int64)
         nxt[:, :-1] = labels[:, 1:].cpu()
-        if bool(((nxt != IGNORE_INDEX) & positions).any()):
-            positions = (nxt != IGNORE_INDEX) & positions
-            next_labels = nxt[positions]
+        counted = (nxt != IGNORE_INDEX) & positions
+        if loss_positions_only and bool(counted.any()):
+            positions = counted
+        next_labels = nxt[positions] if bool(counted.any()) else None
     logp = torch.log_softmax(logits.detach().float(), dim=-1)[positions.to(logits.device)]
     vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
     rest = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
@@ -275,14 +278,19 @@ def distill_scales(
     return {"steps": steps, "kl_first": kl_first, "kl_last": kl_last, "scales_changed": changed, "diverged": diverged}
 
 
+def heldout_scores_have_labels(targets: list[TeacherTargets]) -> bool:
+    """Whether :func:`heldout_scores` gives a cross-entropy on ``targets``: every batch has labels, some counted."""
+    return all(t.labels is not None for t in targets) and any(bool((t.labels != IGNORE_INDEX).any()) for t in targets)
+
+
 def heldout_scores(model: nn.Module, targets: list[TeacherTargets]) -> dict:
     """``{"kl", "loss"}`` of ``model`` on ``targets``, forward only, in eval mode: the mean top-k KL to the teacher
     (:func:`topk_kl`, nats per distilled position) and the mean next-token cross-entropy on the labels (nats per
-    counted token; None unless every batch has ``labels``), both weighted by each batch's positions."""
+    counted token, ``IGNORE_INDEX`` labels skipped; None unless every batch has ``labels``)."""
     was_training = model.training
     model.eval()
     in_dev = model.get_input_embeddings().weight.device
-    kl_sum, ce_sum, count = 0.0, 0.0, 0
+    kl_sum, ce_sum, count, ce_count = 0.0, 0.0, 0, 0
     with_labels = all(t.labels is not None for t in targets)
     try:
         with torch.no_grad():
@@ -294,12 +302,15 @@ def heldout_scores(model: nn.Module, targets: list[TeacherTargets]) -> dict:
                 n = int(t.positions.sum())
                 kl_sum, count = kl_sum + float(kl) * n, count + n
                 if with_labels:
-                    ce_sum += float(-logp.gather(-1, t.labels.to(dev).view(-1, 1)).sum())
+                    lab = t.labels.to(dev)
+                    keep = lab != IGNORE_INDEX
+                    ce_sum += float(-logp[keep].gather(-1, lab[keep].view(-1, 1)).sum())
+                    ce_count += int(keep.sum())
     finally:
         model.train(was_training)
     if not count:
         return {"kl": float("nan"), "loss": None}
-    return {"kl": kl_sum / count, "loss": ce_sum / count if with_labels else None}
+    return {"kl": kl_sum / count, "loss": ce_sum / ce_count if with_labels and ce_count else None}
 
 
 def distill_scales_lr_search(
@@ -353,7 +364,7 @@ def distill_scales_lr_search(
     fit = [t for i, t in enumerate(targets) if i % k != k - 1]
     layers = {n: model.get_submodule(n) for n in layer_names}
     start = {n: m.scales.detach().clone() for n, m in layers.items()}
-    criterion = "loss" if all(t.labels is not None for t in held) else "kl"
+    criterion = "loss" if heldout_scores_have_labels(held) else "kl"
 
     def restore(scales):
         for n, m in layers.items():

@@ -492,9 +492,13 @@ def test_distill_lr_search_writes_the_best_held_out_run(load_tiny_gptq, calibrat
         model.model.norm.weight.mul_(30.0)  # sharpen the random model's logits (see test_merge_distill_strategy)
     pm = get_qalora_model(model, QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "down_proj"]))
     randomize_adapters(pm, seed=13, shift_std=0.3)
-    targets = []
-    hessians = collect_hessians(pm, [f"{n}.base_layer" for n in qalora_layers(pm)], batches,
-                                on_output=lambda b, logits: targets.append(teacher_topk(b, logits)))
+    targets, targets_all = [], []
+
+    def record(b, logits):
+        targets.append(teacher_topk(b, logits))
+        targets_all.append(teacher_topk(b, logits, loss_positions_only=False))  # every position, labels to score
+
+    hessians = collect_hessians(pm, [f"{n}.base_layer" for n in qalora_layers(pm)], batches, on_output=record)
     merged, report = merge_qalora(copy.deepcopy(pm), strategy="distill", hessians=hessians, teacher_targets=targets, progress=False,
                                   distill_steps=12)
     scales_only, _ = merge_qalora(copy.deepcopy(pm), strategy="scales", hessians=hessians, progress=False)
@@ -510,6 +514,9 @@ def test_distill_lr_search_writes_the_best_held_out_run(load_tiny_gptq, calibrat
     assert report.distill["lr"] == best["lr"] and best["heldout_loss"] < report.distill["heldout_loss_before"]
     assert loss(scales_only) == pytest.approx(report.distill["heldout_loss_before"], rel=1e-4)
     assert heldout_scores(scales_only, targets[3:4])["loss"] == pytest.approx(loss(scales_only), rel=1e-4)
+    # Distilled at every position, scored on the counted labels only: the same cross-entropy, more KL positions.
+    assert heldout_scores(scales_only, targets_all[3:4])["loss"] == pytest.approx(loss(scales_only), rel=1e-4)
+    assert int(targets_all[3].positions.sum()) > int(targets[3].positions.sum())
     refit, _ = merge_qalora(copy.deepcopy(pm), strategy="distill", hessians=hessians, teacher_targets=targets, progress=False,
                             distill_steps=12, distill_lr=best["lr"])
     for (n, a), b in zip(gptq_layers(merged).items(), gptq_layers(refit).values()):
@@ -536,7 +543,11 @@ def test_teacher_targets_at_the_loss_positions(tiny_tok):
     assert torch.equal(t.labels, torch.tensor([7, 8, 9, 5, 6]))  # the next token at each kept position
     for kwargs, batch in (({"loss_positions_only": False}, {"labels": labels}), ({}, {})):
         t_all = teacher_topk({"input_ids": ids, "attention_mask": mask, **batch}, logits, k=4, **kwargs)
-        assert torch.equal(t_all.positions, mask.bool()) and t_all.labels is None
+        assert torch.equal(t_all.positions, mask.bool())
+    # Every position distilled, the labels kept to score: -100 where the loss counts no next token.
+    every = teacher_topk({"input_ids": ids, "attention_mask": mask, "labels": labels}, logits, k=4, loss_positions_only=False)
+    assert torch.equal(every.labels, torch.tensor([-100, -100, 7, 8, 9, -100, -100, 5, 6, -100]))
+    assert teacher_topk({"input_ids": ids, "attention_mask": mask}, logits, k=4).labels is None
 
 
 @pytest.mark.parametrize("bad", ["fast", 0.0, -1e-3, True])
