@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--holdout", type=int, default=99)
     ap.add_argument("--calibration", type=int, default=128, help="training rows for H = X^T X")
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--strategies", default="round,gptq,scales,distill", help="comma-separated; distill@N = distill with N steps, distill@N@LR also sets its learning rate ('auto', 'rule' = one run at 2 x the median shift, or a number), distill@N@LR@all distils every position (default: the loss positions)")
+    ap.add_argument("--strategies", default="round,gptq,scales,distill", help="comma-separated; distill@N = distill with N steps, distill@N@LR also sets its learning rate ('auto', 'rule' = one run at 2 x the median shift, or a number), distill@N@LR@all distils every non-padding position (default: the loss positions; the labels still score the auto search)")
     ap.add_argument("--distill-steps", type=int, default=32)
     ap.add_argument("--distill-lr", type=lambda v: v if v == "auto" else float(v), default="auto", help="'auto' (merge_qalora's default) or a number")
     ap.add_argument("--mmlu-per-topic", type=int, default=0, help="0 = skip MMLU")
