@@ -221,12 +221,13 @@ def write_card_matrix(strategy: str, root: Path = ROOT, out: Optional[Path] = No
     file written (default: the package's; tests point both elsewhere)."""
     import datetime
 
-    from qalora_hf.fidelity import MATRIX, check_matrix, load_matrix
+    from qalora_hf.fidelity import MATRIX, check_matrix
 
     today = datetime.date.today().isoformat()
     out = REPO / "qalora_hf" / "templates" / MATRIX if out is None else out
-    shipped = check_matrix(json.loads(out.read_text())) if out.is_file() else load_matrix()
-    old = {c["name"]: {"date": shipped["date"], **c} for c in shipped["cells"]} if shipped["strategy"] == strategy else {}
+    shipped = check_matrix(json.loads(out.read_text())) if out.is_file() else None
+    old = ({c["name"]: {"date": shipped["date"], **c} for c in shipped["cells"]}
+           if shipped and shipped["strategy"] == strategy else {})
     cells = []
     for c in DESIGN:
         row = measured(c, root)

@@ -76,9 +76,9 @@ def teacher_topk(batch: dict, logits: torch.Tensor, k: int = 32, loss_positions_
         nxt = torch.full(positions.shape, IGNORE_INDEX, dtype=torch.int64)
         nxt[:, :-1] = labels[:, 1:].cpu()
         counted = (nxt != IGNORE_INDEX) & positions
-        if loss_positions_only and bool(counted.any()):
-            positions = counted
-        next_labels = nxt[positions] if bool(counted.any()) else None
+        if bool(counted.any()):
+            positions = counted if loss_positions_only else positions
+            next_labels = nxt[positions]
     logp = torch.log_softmax(logits.detach().float(), dim=-1)[positions.to(logits.device)]
     vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
     rest = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
@@ -278,11 +278,6 @@ def distill_scales(
     return {"steps": steps, "kl_first": kl_first, "kl_last": kl_last, "scales_changed": changed, "diverged": diverged}
 
 
-def heldout_scores_have_labels(targets: list[TeacherTargets]) -> bool:
-    """Whether :func:`heldout_scores` gives a cross-entropy on ``targets``: every batch has labels, some counted."""
-    return all(t.labels is not None for t in targets) and any(bool((t.labels != IGNORE_INDEX).any()) for t in targets)
-
-
 def heldout_scores(model: nn.Module, targets: list[TeacherTargets]) -> dict:
     """``{"kl", "loss"}`` of ``model`` on ``targets``, forward only, in eval mode: the mean top-k KL to the teacher
     (:func:`topk_kl`, nats per distilled position) and the mean next-token cross-entropy on the labels (nats per
@@ -364,13 +359,13 @@ def distill_scales_lr_search(
     fit = [t for i, t in enumerate(targets) if i % k != k - 1]
     layers = {n: model.get_submodule(n) for n in layer_names}
     start = {n: m.scales.detach().clone() for n, m in layers.items()}
-    criterion = "loss" if heldout_scores_have_labels(held) else "kl"
 
     def restore(scales):
         for n, m in layers.items():
             write_layer(m, scales=scales[n].float().cpu())
 
     before = heldout_scores(model, held)
+    criterion = "loss" if before["loss"] is not None else "kl"  # a cross-entropy exists when the targets have labels
     best = {"score": before[criterion], "lr": None, "scales": start, "run": None}
     search: list[dict] = []
     tried: dict[float, float] = {}
