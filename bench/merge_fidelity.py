@@ -65,9 +65,10 @@ def main(argv=None) -> int:
     ap.add_argument("--adapter", required=True)
     ap.add_argument("--data", default=None, help="Alpaca JSON (default: the fetch cache)")
     ap.add_argument("--holdout", type=int, default=99)
-    ap.add_argument("--calibration", type=int, default=128, help="training rows for H = X^T X")
+    ap.add_argument("--calibration", type=int, default=256, help="training rows for H = X^T X and the teacher targets (the default of a strategy's ROWS field; 256 = the trainer's num_calibration_rows)")
+    ap.add_argument("--gptq-calibration", type=int, default=128, help="training rows of the QLoRA-style baseline's fresh GPTQ (the recipe's gptq_calibration_rows)")
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--strategies", default="round,gptq,scales,distill", help="comma-separated; distill@N = distill with N steps, distill@N@LR also sets its learning rate ('auto', 'rule' = one run at 2 x the median shift, or a number), distill@N@LR@all distils every non-padding position (default: the loss positions; the labels still score the auto search)")
+    ap.add_argument("--strategies", default="round,gptq,scales,distill", help="comma-separated; distill@N = distill with N steps, distill@N@LR also sets its learning rate ('auto', 'rule' = one run at 2 x the median shift, or a number), distill@N@LR@all distils every non-padding position (default: the loss positions; the labels still score the auto search), distill@N@LR@POS@ROWS calibrates on the first ROWS training rows (default --calibration)")
     ap.add_argument("--distill-steps", type=int, default=32)
     ap.add_argument("--distill-lr", type=lambda v: v if v == "auto" else float(v), default="auto", help="'auto' (merge_qalora's default) or a number")
     ap.add_argument("--mmlu-per-topic", type=int, default=0, help="0 = skip MMLU")
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     rows = read_rows(data)
     tok = AutoTokenizer.from_pretrained(args.base)
     holdout = token_batches(rows[-args.holdout :], tok, args.max_length)
-    cal_rows = rows[: args.calibration]
+    cal_rows = rows[: args.gptq_calibration]  # the QLoRA-style baseline's GPTQ rows
     mmlu = load_mmlu_subset(default_cache_dir() / "data" / "mmlu.jsonl", per_topic=args.mmlu_per_topic) if args.mmlu_per_topic else []
 
     def evaluate(model):
@@ -100,9 +101,6 @@ def main(argv=None) -> int:
         if mmlu:
             out["mmlu_acc"] = mmlu_accuracy(model, tok, mmlu)
         return out
-
-    def calibration_batches():
-        return token_batches(cal_rows, tok, args.max_length)
 
     peft_model = load_qalora_adapter(load_gptq_model(args.base), args.adapter).eval()
     results = {}
@@ -115,23 +113,35 @@ def main(argv=None) -> int:
     results["float-merged reference"] = evaluate(ref)
     t = time.time()
     layers = qalora_layers(peft_model)
-    targets = []  # the trained model's top-k next-token log-probabilities at the loss positions, for "distill"
-    targets_all = []  # the same at every non-padding position (the "@all" variant)
+    names = [s for s in args.strategies.split(",") if s]
+    # "distill@32@auto@loss@256": the fifth field is the number of calibration rows (default --calibration); the
+    # statistics are collected once per distinct count, in chunks of rows, and summed (H of 256 rows = H of the first
+    # 128 + H of the next 128), so every count sees the same first rows
+    counts = sorted({int((n.split("@") + [""] * 4)[4] or args.calibration) for n in names} | {args.calibration})
+    stats = {}  # rows -> (hessians, targets at the loss positions, targets at every position)
+    hessians, targets, targets_all, done = {}, [], [], 0
 
     def record(batch, logits):
-        targets.append(teacher_topk(batch, logits))
-        targets_all.append(teacher_topk(batch, logits, loss_positions_only=False))
+        targets.append(teacher_topk(batch, logits))  # the trained model's top-k next-token log-probabilities
+        targets_all.append(teacher_topk(batch, logits, loss_positions_only=False))  # the "@all" variant's
 
-    hessians = collect_hessians(peft_model, [f"{n}.base_layer" for n in layers], calibration_batches(), on_output=record)
-    print(f"H and teacher targets collected on {len(cal_rows)} rows in {time.time() - t:.0f}s", flush=True)
+    for count in counts:
+        chunk = token_batches(rows[done:count], tok, args.max_length)
+        more = collect_hessians(peft_model, [f"{n}.base_layer" for n in layers], chunk, on_output=record)
+        hessians = {k: hessians[k] + v if k in hessians else v for k, v in more.items()}
+        stats[count] = (dict(hessians), list(targets), list(targets_all))
+        done = count
+        print(f"H and teacher targets collected on {count} rows in {time.time() - t:.0f}s", flush=True)
 
     shift_stats = None
-    for name in [s for s in args.strategies.split(",") if s]:
+    for name in names:
         # "distill@64": the distill strategy with 64 steps; "distill@32@2e-3": 32 steps at distill_lr 2e-3;
-        # "distill@32@auto@all": distilled at every non-padding position instead of the loss positions only
-        strategy, steps, lr, positions = (name.split("@") + ["", "", ""])[:4]
+        # "distill@32@auto@all": distilled at every non-padding position instead of the loss positions only;
+        # "distill@32@auto@loss@256": on 256 calibration rows
+        strategy, steps, lr, positions, count = (name.split("@") + ["", "", "", ""])[:5]
         # "rule": the earlier default, one run at 2 x the median shift (merge_qalora's first guess) on every batch
         lr = args.distill_lr if not lr else (lr if lr == "auto" else _rule_lr(peft_model) if lr == "rule" else float(lr))
+        hessians, targets, targets_all = stats[int(count or args.calibration)]
         model = copy.deepcopy(peft_model)
         t = time.time()
         merged, report = merge_qalora(model, strategy=strategy, hessians=hessians, teacher_targets=targets_all if positions == "all" else targets,

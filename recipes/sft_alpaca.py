@@ -54,6 +54,10 @@ class ScriptArguments:
         default=None, metadata={"help": "GPTQ act-order; default false. For a GPTQ checkpoint: must match it if given."})
     sym: Optional[bool] = field(
         default=None, metadata={"help": "Symmetric GPTQ; default false. For a GPTQ checkpoint: must match it if given."})
+    gptq_calibration_rows: int = field(
+        default=128, metadata={"help": "GPTQ: training rows the float model is quantised on (the merge's own rows are "
+                                       "num_calibration_rows)."}
+    )
     gptq_true_sequential: bool = field(
         default=True, metadata={"help": "GPTQ: one calibration pass per linear layer (True) or one per block (False, ~3x faster on CPU)."}
     )
@@ -199,7 +203,7 @@ def main(script_args: ScriptArguments, training_args: QALoraSFTConfig, model_arg
                 raise ValueError(f"{model_path} is a float model and --quantize is false; pass a GPTQ checkpoint or "
                                  "--quantize true.")
             options = {k: QUANTIZE_DEFAULTS[k] if v is None else v for k, v in requested.items()}
-            quantize_config = QuantizeConfig(**options, num_calibration_rows=training_args.num_calibration_rows,
+            quantize_config = QuantizeConfig(**options, num_calibration_rows=script_args.gptq_calibration_rows,
                                              true_sequential=script_args.gptq_true_sequential)
 
         # ---- a finished run with the same settings: nothing to do (unless --retrain)

@@ -371,7 +371,8 @@ def test_recipe_under_accelerate_two_processes(tiny_float_dir, tmp_path):
         "model_name_or_path": str(tiny_float_dir), "dataset_path": str(data), "num_holdout_rows": 8, "group_size": 32,
         "lora_r": 4, "lora_alpha": 8, "max_steps": 3, "per_device_train_batch_size": 2, "max_length": 256,
         "output_dir": str(out), "save_strategy": "no", "report_to": "none", "bf16": False, "merge_strategy": "round",
-        "num_calibration_rows": 8, "learning_rate": 1e-3, "logging_steps": 1, "disable_tqdm": True, "seed": 0,
+        "num_calibration_rows": 8, "gptq_calibration_rows": 6, "learning_rate": 1e-3, "logging_steps": 1, "disable_tqdm": True,
+        "seed": 0,
     }
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
@@ -389,6 +390,8 @@ def test_recipe_under_accelerate_two_processes(tiny_float_dir, tmp_path):
 
     # both ranks ran, one quantised, the other reused the cache
     assert log.count("quantise: GPTQ 4-bit g32") == 1, log[-6000:]
+    # GPTQ on gptq_calibration_rows, the merge on num_calibration_rows (8 rows = one batch of 8)
+    assert "on 6 calibration rows" in log and "on 1 calibration batches" in log, log[-6000:]
     assert log.count("quantise: reusing cached GPTQ base") == 1, log[-6000:]
     bases = [p for p in (cache / "gptq").iterdir()]
     assert len(bases) == 1 and (bases[0] / "config.json").is_file(), bases
@@ -462,5 +465,7 @@ def test_shipped_recipe_configs_parse(config, monkeypatch):
     assert training_args.merge_strategy in ("distill", "scales", "gptq", "round")
     assert training_args.max_steps > 0 and script_args.bits in (2, 3, 4, 8)
     assert training_args.model_card_datasets == ["tatsu-lab/alpaca"] and training_args.num_holdout_rows == 99
+    # the merge distils each calibration batch of 8 rows once over its 32 steps; GPTQ keeps its own 128 rows
+    assert training_args.num_calibration_rows == 256 and script_args.gptq_calibration_rows == 128
     qalora = QALoraConfig.from_model_config(model_args)  # the adapter options come from ModelConfig's lora_* fields
     assert qalora.target_modules == "all-linear" and qalora.lora_dropout == 0.0 and qalora.r in (16, 64)
