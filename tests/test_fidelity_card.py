@@ -85,6 +85,11 @@ def test_card_cites_the_cell_and_its_gain_kept():
     section = near[near.index("## Merge fidelity"):near.index("## Evaluation")]
     assert ("the nearest measured configuration, `b4-g64-sym-act-r16-lr2e-4-s40` (differs in: sym), kept "
             f"{format_metric('gain_kept', 0.945)} of the fine-tuning gain") in section, section
+    # A cell above 100 % says what that means instead of passing it off as fidelity.
+    over = {**MATRIX, "cells": [_cell(4, 32, False, False, 16, 2e-4, 40, 1.147)]}
+    note = fidelity_matrix_note(DEMO, over)
+    assert "kept 114.7% of the fine-tuning gain" in note and "(above 100 %: that export's held-out loss" in note, note
+    assert "above 100 %" not in fidelity_matrix_note(DEMO, MATRIX)
     # Without merge measurements the configuration is still cited.
     bare = str(build_model_card(**{**CARD, "merge_metrics": None}, fidelity_config=DEMO, fidelity_matrix=MATRIX))
     assert "No merge measurements" in bare and "`b4-g32-asym-noact-r16-lr2e-4-s40`" in bare
