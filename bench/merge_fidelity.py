@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration", type=int, default=256, help="training rows for H = X^T X and the teacher targets (the default of a strategy's ROWS field; 256 = the trainer's num_calibration_rows)")
     ap.add_argument("--gptq-calibration", type=int, default=128, help="training rows of the QLoRA-style baseline's fresh GPTQ (the recipe's gptq_calibration_rows)")
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--strategies", default="round,gptq,scales,distill", help="comma-separated; distill@N = distill with N steps, distill@N@LR also sets its learning rate ('auto', 'rule' = one run at 2 x the median shift, or a number), distill@N@LR@all distils every non-padding position (default: the loss positions; the labels still score the auto search), distill@N@LR@POS@ROWS calibrates on the first ROWS training rows (default --calibration)")
+    ap.add_argument("--strategies", default="round,gptq,scales,distill", help="comma-separated; distill@N = distill with N steps, distill@N@LR also sets its learning rate ('auto', 'rule' = one run at 2 x the median shift, or a number), distill@N@LR@all distils every non-padding position (default: the loss positions; the labels still score the auto search), distill@N@LR@POS@ROWS calibrates on the first ROWS training rows (default --calibration), distill@N@LR@POS@ROWS@norms also tunes the normalisation layers' weights (norm tweaking)")
     ap.add_argument("--distill-steps", type=int, default=32)
     ap.add_argument("--distill-lr", type=lambda v: v if v == "auto" else float(v), default="auto", help="'auto' (merge_qalora's default) or a number")
     ap.add_argument("--mmlu-per-topic", type=int, default=0, help="0 = skip MMLU")
@@ -137,15 +137,16 @@ def main(argv=None) -> int:
     for name in names:
         # "distill@64": the distill strategy with 64 steps; "distill@32@2e-3": 32 steps at distill_lr 2e-3;
         # "distill@32@auto@all": distilled at every non-padding position instead of the loss positions only;
-        # "distill@32@auto@loss@256": on 256 calibration rows
-        strategy, steps, lr, positions, count = (name.split("@") + ["", "", "", ""])[:5]
+        # "distill@32@auto@loss@256": on 256 calibration rows; "distill@32@auto@loss@256@norms": with norm tweaking
+        strategy, steps, lr, positions, count, extra = (name.split("@") + [""] * 5)[:6]
         # "rule": the earlier default, one run at 2 x the median shift (merge_qalora's first guess) on every batch
         lr = args.distill_lr if not lr else (lr if lr == "auto" else _rule_lr(peft_model) if lr == "rule" else float(lr))
         hessians, targets, targets_all = stats[int(count or args.calibration)]
         model = copy.deepcopy(peft_model)
         t = time.time()
         merged, report = merge_qalora(model, strategy=strategy, hessians=hessians, teacher_targets=targets_all if positions == "all" else targets,
-                                      progress=False, distill_steps=int(steps or args.distill_steps), distill_lr=lr)
+                                      progress=False, distill_steps=int(steps or args.distill_steps), distill_lr=lr,
+                                      distill_norms=extra == "norms")
         seconds = time.time() - t
         with tempfile.TemporaryDirectory() as tmp:  # evaluate what lands on disk, reloaded
             export_gptq(merged, Path(tmp) / "m", tokenizer=tok)

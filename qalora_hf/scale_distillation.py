@@ -24,10 +24,11 @@ import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .data import IGNORE_INDEX, forward_inputs
 from .gptq_format import read_layer, write_layer
@@ -171,6 +172,28 @@ class ScaleTunedLinear(nn.Module):
         return s.cpu()
 
 
+class _RelativeWeight(nn.Module):
+    """Parametrisation ``weight = weight0 * (1 + u / maxq)`` of a normalisation layer's weight [C] (norm tweaking), with
+    ``u`` [C] (float32, initialised to 0) trainable: the same relative step per unit of ``u`` as the scales'."""
+
+    def __init__(self, weight: torch.Tensor, maxq: int):
+        super().__init__()
+        self.maxq = maxq
+        self.u = nn.Parameter(torch.zeros(weight.shape, dtype=torch.float32, device=weight.device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * (1 + self.u / self.maxq).to(weight.dtype)
+
+
+def norm_layers(model: nn.Module) -> list[str]:
+    """Qualified names of ``model``'s normalisation layers with a per-channel ``weight`` [C] (``*RMSNorm`` /
+    ``*LayerNorm`` modules: Llama's ``input_layernorm``, ``post_attention_layernorm`` and final ``norm``), the
+    layers :func:`distill_scales` can tune with ``norms``."""
+    return [n for n, m in model.named_modules()
+            if type(m).__name__.endswith(("RMSNorm", "LayerNorm")) and isinstance(getattr(m, "weight", None), nn.Parameter)
+            and m.weight.dim() == 1]
+
+
 def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Replace submodule ``name`` by ``new`` under every attribute of its parent that holds it (PEFT's
     ``GPTQLoraLinear`` keeps the GPTQ layer as both ``base_layer`` and ``quant_linear_module``)."""
@@ -192,6 +215,7 @@ def distill_scales(
     seed: int = 0,
     progress: bool = True,
     on_step: Optional[Callable[[int, float], None]] = None,
+    norms: Sequence[str] = (),
 ) -> dict:
     """Tune the fp16 scales of ``layer_names`` (GPTQ layers of ``model``) to match the teacher targets.
 
@@ -206,20 +230,27 @@ def distill_scales(
             quantisation step, whatever the bit width.  1.5e-2 for 4 bits is a relative scale change of 1e-3.
         seed: shuffling seed.
         on_step: called as ``on_step(step, kl)`` after each optimiser step (1-based).
+        norms: qualified names of normalisation layers (:func:`norm_layers`) whose per-channel ``weight`` [C] is tuned
+            jointly with the scales, as ``weight0 * (1 + u / maxq)`` at the same rate (norm tweaking: Li et al. 2023,
+            "Norm Tweaking: High-performance Low-bit Quantization of Large Language Models", §3).  These weights are
+            stored unquantised (float), so the checkpoint stays a standard GPTQ checkpoint.  Default: none.
 
     Returns:
-        ``{"steps", "kl_first", "kl_last", "scales_changed", "diverged"}``: the mean top-k KL (nats per
-        position) of the first and last step and the number of stored fp16 scales that changed.  The tuned
-        scales are written into the GPTQ layers in place; codes and zero-points are untouched.  If the KL
-        becomes non-finite, nothing is written (the layers keep their scales) and ``diverged`` is True.
+        ``{"steps", "kl_first", "kl_last", "scales_changed", "norms_tuned", "diverged"}``: the mean top-k KL (nats per
+        position) of the first and last step, the number of stored fp16 scales that changed and of normalisation
+        layers tuned.  The tuned scales are written into the GPTQ layers (and the norm weights into their layers) in
+        place; codes and zero-points are untouched.  If the KL becomes non-finite, nothing is written (the layers keep
+        their scales and weights) and ``diverged`` is True.
 
     Memory: per tuned layer an integer copy of ``q - z`` (1 byte per weight, 2 for 8 bits) and a float32
     ``u`` per group, plus the layer inputs saved for backward.
     """
     if not targets or steps <= 0:
-        return {"steps": 0, "kl_first": None, "kl_last": None, "scales_changed": 0, "diverged": False}
+        return {"steps": 0, "kl_first": None, "kl_last": None, "scales_changed": 0, "norms_tuned": 0, "diverged": False}
     flags = {p: p.requires_grad for p in model.parameters()}
     originals: dict[str, nn.Module] = {}
+    parametrized: list[nn.Module] = []
+    completed = False  # the tuned values are kept only after a distillation that ran to its end
     was_training = model.training
     rng = random.Random(seed)
     order: list[int] = []
@@ -234,7 +265,12 @@ def distill_scales(
             p.requires_grad_(False)
         for n, m in tuned.items():
             originals[n] = _swap(model, n, m)
-        opt = torch.optim.Adam([m.u for m in tuned.values()], lr=lr)
+        maxq = next(iter(tuned.values())).maxq if tuned else 15
+        for n in norms:
+            norm = model.get_submodule(n)
+            parametrize.register_parametrization(norm, "weight", _RelativeWeight(norm.weight, maxq))
+            parametrized.append(norm)
+        opt = torch.optim.Adam([m.u for m in tuned.values()] + [m.parametrizations.weight[0].u for m in parametrized], lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))  # cosine to 0
         model.eval()  # no dropout: the merged forward exactly
         in_dev = model.get_input_embeddings().weight.device
@@ -268,14 +304,19 @@ def distill_scales(
                 before = m.layer.scales.detach().clone()
                 m.write_back()
                 changed += int((m.layer.scales != before).sum())
+            completed = True
     finally:
+        for norm in parametrized:  # the tuned weight stays unless the distillation diverged
+            parametrize.remove_parametrizations(norm, "weight", leave_parametrized=completed)
         for n, old in originals.items():
             _swap(model, n, old)
         for p, f in flags.items():
             p.requires_grad_(f)
         model.train(was_training)
-    logger.info("scale distillation: %d steps, top-k KL %s -> %s, %d scales changed", steps, kl_first, kl_last, changed)
-    return {"steps": steps, "kl_first": kl_first, "kl_last": kl_last, "scales_changed": changed, "diverged": diverged}
+    logger.info("scale distillation: %d steps, top-k KL %s -> %s, %d scales changed, %d norm layers tuned", steps, kl_first,
+                kl_last, changed, len(parametrized))
+    return {"steps": steps, "kl_first": kl_first, "kl_last": kl_last, "scales_changed": changed,
+            "norms_tuned": 0 if diverged else len(parametrized), "diverged": diverged}
 
 
 def heldout_scores(model: nn.Module, targets: list[TeacherTargets]) -> dict:
@@ -319,6 +360,7 @@ def distill_scales_lr_search(
     holdout_every: int = 8,
     seed: int = 0,
     progress: bool = True,
+    norms: Sequence[str] = (),
 ) -> dict:
     """:func:`distill_scales` with the peak learning rate chosen on held-out calibration batches.
 
@@ -342,7 +384,7 @@ def distill_scales_lr_search(
             :func:`distill_scales` (the search, then the refit on every batch).
         holdout_every: the held-out batches are ``targets[holdout_every - 1 :: holdout_every]`` (at least one;
             with fewer than two batches there is no search: one run at ``lr`` on all of them).
-        steps / seed / progress: as in :func:`distill_scales`.
+        steps / seed / progress / norms: as in :func:`distill_scales`; every run starts from the same norm weights too.
 
     Returns:
         The refit's :func:`distill_scales` dict plus ``"lr"`` (the rate chosen; None if the starting scales
@@ -351,18 +393,27 @@ def distill_scales_lr_search(
         scales') and ``"heldout_batches"``.
     """
     if len(targets) < 2:
-        return {**distill_scales(model, layer_names, targets, steps=steps, lr=lr, seed=seed, progress=progress),
+        return {**distill_scales(model, layer_names, targets, steps=steps, lr=lr, seed=seed, progress=progress, norms=norms),
                 "lr": lr, "lr_criterion": None, "lr_search": [], "heldout_kl_before": None, "heldout_loss_before": None,
                 "heldout_batches": 0}
     k = max(2, min(holdout_every, len(targets)))
     held = targets[k - 1 :: k]
     fit = [t for i, t in enumerate(targets) if i % k != k - 1]
     layers = {n: model.get_submodule(n) for n in layer_names}
-    start = {n: m.scales.detach().clone() for n, m in layers.items()}
+    norm_modules = {n: model.get_submodule(n) for n in norms}
 
-    def restore(scales):
+    def snapshot() -> dict:
+        return {**{n: m.scales.detach().clone() for n, m in layers.items()},
+                **{n: m.weight.detach().clone() for n, m in norm_modules.items()}}
+
+    def restore(saved):
         for n, m in layers.items():
-            write_layer(m, scales=scales[n].float().cpu())
+            write_layer(m, scales=saved[n].float().cpu())
+        with torch.no_grad():
+            for n, m in norm_modules.items():
+                m.weight.copy_(saved[n])
+
+    start = snapshot()
 
     before = heldout_scores(model, held)
     criterion = "loss" if before["loss"] is not None else "kl"  # a cross-entropy exists when the targets have labels
@@ -372,13 +423,13 @@ def distill_scales_lr_search(
 
     def run(rate: float) -> float:
         restore(start)
-        out = distill_scales(model, layer_names, fit, steps=steps, lr=rate, seed=seed, progress=progress)
+        out = distill_scales(model, layer_names, fit, steps=steps, lr=rate, seed=seed, progress=progress, norms=norms)
         scores = {"kl": float("inf"), "loss": float("inf")} if out["diverged"] else heldout_scores(model, held)
         search.append({"lr": rate, "heldout_kl": scores["kl"], "heldout_loss": scores["loss"]})
         tried[rate] = scores[criterion]
         logger.info("scale distillation at lr %.3g: held-out %s %.5f (before: %.5f)", rate, criterion, tried[rate], before[criterion])
         if tried[rate] < best["score"]:
-            best.update(score=tried[rate], lr=rate, scales={n: m.scales.detach().clone() for n, m in layers.items()}, run=out)
+            best.update(score=tried[rate], lr=rate, scales=snapshot(), run=out)
         return tried[rate]
 
     rate = lr
@@ -394,9 +445,9 @@ def distill_scales_lr_search(
             break
     restore(start)
     if best["lr"] is None:  # no rate beat the starting scales on the held-out batches: keep them
-        chosen = {"steps": 0, "kl_first": None, "kl_last": None, "scales_changed": 0, "diverged": False}
+        chosen = {"steps": 0, "kl_first": None, "kl_last": None, "scales_changed": 0, "norms_tuned": 0, "diverged": False}
     else:  # the chosen rate, refitted on every batch (held-out ones included: 1/8 more rows to fit)
-        chosen = distill_scales(model, layer_names, targets, steps=steps, lr=best["lr"], seed=seed, progress=progress)
+        chosen = distill_scales(model, layer_names, targets, steps=steps, lr=best["lr"], seed=seed, progress=progress, norms=norms)
         if chosen["diverged"]:  # cannot happen where the same rate converged on 7/8 of the rows; keep that run
             restore(best["scales"])
             chosen = {**best["run"], "scales_changed": sum(int((layers[n].scales != start[n]).sum()) for n in layers)}

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.nn.utils import parametrize
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -823,3 +824,41 @@ def test_merge_never_creates_a_zero_point_0_and_reports_the_ones_there_are(load_
                             merge_metrics={"zero_points_at_0": count_zero_points_at_0(merged)}, framework_versions={},
                             bits=4, group_size=32, desc_act=False)
     assert "zero-points equal to 0" in str(card) and "vLLM" in str(card)
+
+
+def test_distill_norms_tunes_the_norm_weights(load_tiny_gptq, calibration_batches):
+    """distill_norms=True (norm tweaking): the normalisation layers' weights are tuned with the scales, the model keeps
+    its plain modules and state-dict keys (a standard checkpoint), codes and zero-points equal the scale-only run's,
+    and a diverging run leaves the norm weights bit-identical."""
+    from qalora_hf.scale_distillation import norm_layers
+
+    out = {}
+    for norms, lr in ((False, 3e-2), (True, 3e-2), (True, 1e30)):
+        model = fp32_scales(load_tiny_gptq(4, False, False))
+        with torch.no_grad():  # sharpen the random model's logits (see test_merge_distill_strategy)
+            model.model.norm.weight.mul_(30.0)
+        before = {n: model.get_submodule(n).weight.detach().clone() for n in norm_layers(model)}
+        keys = set(model.state_dict())
+        pm = get_qalora_model(model, QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "down_proj"]))
+        randomize_adapters(pm, seed=7, shift_std=0.3)
+        with torch.no_grad():
+            teacher = [pm(**b).logits for b in calibration_batches]
+        merged, report = merge_qalora(pm, strategy="distill", calibration=calibration_batches, progress=False,
+                                      distill_steps=24, distill_lr=lr, distill_norms=norms)
+        assert set(merged.state_dict()) == keys
+        assert not any(parametrize.is_parametrized(m) for m in merged.modules())
+        after = {n: merged.get_submodule(n).weight.detach() for n in before}
+        out[(norms, lr)] = (_kl_to(teacher, merged, calibration_batches), report.distill, before, after,
+                            {n: (l.qweight.clone(), l.qzeros.clone()) for n, l in gptq_layers(merged).items()})
+    _, d_plain, b0, a0, ints_plain = out[(False, 3e-2)]
+    kl_norms, d_norms, b1, a1, ints_norms = out[(True, 3e-2)]
+    _, d_div, b2, a2, _ = out[(True, 1e30)]
+    assert len(b1) == 2 * 2 + 1  # the tiny model's 2 decoder layers x (input, post-attention) + the final norm
+    assert d_plain["norms_tuned"] == 0 and all(torch.equal(b0[n], a0[n]) for n in b0)
+    assert d_norms["norms_tuned"] == len(b1) and all(not torch.equal(b1[n], a1[n]) for n in b1)
+    for n in ints_plain:
+        assert all(torch.equal(a, b) for a, b in zip(ints_plain[n], ints_norms[n])), n
+    # whether it lowers the KL is the fidelity matrix's question: this tiny model's scale-only merge is within float
+    # noise of the teacher (KL ~1e-8), where the extra freedom helps at some rates and not at others
+    assert kl_norms == kl_norms and d_norms["kl_last"] is not None and not d_norms["diverged"]
+    assert d_div["diverged"] and d_div["norms_tuned"] == 0 and all(torch.equal(b2[n], a2[n]) for n in b2)
