@@ -4,7 +4,8 @@ After the integer merge (codes, zero-points and fp16 scales chosen layer by laye
 :mod:`qalora_hf.merge`) each layer's output error is small but not zero, and the errors of 210 layers
 add up along the network.  This phase tunes only the fp16 group ``scales`` of the merged layers
 (codes and zero-points frozen, so the checkpoint stays a standard integer-zero-point GPTQ checkpoint)
-to match the trained model's next-token distribution on calibration rows:
+to match the trained model's next-token distribution on calibration rows (with ``norms``, the per-channel weights of
+the normalisation layers too, which the checkpoint stores unquantised: norm tweaking, Li et al. 2023):
 
 * scale-only tuning of a quantised model: PEQA (Kim et al. 2023, "Memory-Efficient Fine-Tuning of
   Compressed Large Language Models via sub-4-bit Integer Quantization", §3);
