@@ -307,17 +307,18 @@ def distill_scales(
                 changed += int((m.layer.scales != before).sum())
             completed = True
     finally:
-        for norm in parametrized:  # the tuned weight stays unless the distillation diverged
+        for norm in parametrized:  # the tuned weight stays only after a completed distillation
             parametrize.remove_parametrizations(norm, "weight", leave_parametrized=completed)
         for n, old in originals.items():
             _swap(model, n, old)
         for p, f in flags.items():
             p.requires_grad_(f)
         model.train(was_training)
+    norms_tuned = len(parametrized) if completed else 0
     logger.info("scale distillation: %d steps, top-k KL %s -> %s, %d scales changed, %d norm layers tuned", steps, kl_first,
-                kl_last, changed, len(parametrized))
+                kl_last, changed, norms_tuned)
     return {"steps": steps, "kl_first": kl_first, "kl_last": kl_last, "scales_changed": changed,
-            "norms_tuned": 0 if diverged else len(parametrized), "diverged": diverged}
+            "norms_tuned": norms_tuned, "diverged": diverged}
 
 
 def heldout_scores(model: nn.Module, targets: list[TeacherTargets]) -> dict:
