@@ -163,16 +163,18 @@ def run_cell(cell: Cell, strategies: str, requant: bool, python: str, train_only
 
 
 def measured(cell: Cell, root: Path = ROOT) -> Optional[dict]:
-    """A measured cell's ``loss_base``, ``loss_trained``, ``gain`` (nats) and, per merge strategy and for
-    ``"QLoRA-style"``, ``loss`` and ``gain_kept``; None when the cell has no ``fidelity.json`` yet."""
+    """A measured cell's ``loss_base``, ``loss_trained``, ``gain`` (nats), ``date`` (of its ``fidelity.json``'s last
+    measurement; None if it has none) and, per merge strategy and for ``"QLoRA-style"``, ``loss`` and ``gain_kept``;
+    None when the cell has no ``fidelity.json`` yet."""
     from qalora_hf.metrics import gain_kept
 
     f = root / cell.name / "fidelity.json"
     if not f.is_file():
         return None
-    res = json.loads(f.read_text())["results"]
+    data = json.loads(f.read_text())
+    res = data["results"]
     lb, lt = res["base GPTQ"]["heldout_loss"], res["trained (adapter, unmerged)"]["heldout_loss"]
-    out = {"loss_base": lb, "loss_trained": lt, "gain": lb - lt}
+    out = {"loss_base": lb, "loss_trained": lt, "gain": lb - lt, "date": data.get("date")}
     for key, r in res.items():
         name = "QLoRA-style" if key == REQUANT else key.removeprefix("export: ") if key.startswith("export: ") else None
         if name:
@@ -234,7 +236,7 @@ def write_card_matrix(strategy: str, root: Path = ROOT, out: Optional[Path] = No
         if row is not None and strategy in row:
             cells.append({"name": c.name, **asdict(c), "gain": row["gain"], "gain_kept": row[strategy]["gain_kept"],
                           "qlora_style_kept": row["QLoRA-style"]["gain_kept"] if "QLoRA-style" in row else None,
-                          "date": today})
+                          "date": row["date"] or today})
         elif c.name in old:
             cells.append(old[c.name])
     counted = [c["gain_kept"] for c in cells if c["gain"] >= MIN_GAIN]
