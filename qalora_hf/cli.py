@@ -7,6 +7,7 @@
     qalora-hf push OUT user/name [--private] [--revision R] [--commit-message M]
     qalora-hf awq GPTQ_DIR_OR_REPO --output-dir OUT_AWQ [--push-to-hub user/name-AWQ] [--gptq-repo-id user/name] ...
     qalora-hf gguf OUT -o model-Q4_1.gguf [--float-type auto|f32|f16|bf16] [--push-to-hub user/name-GGUF] ...
+    qalora-hf gguf BASE_DIR --adapter ADAPTER_DIR -o model-Q4_1.gguf ...     (no merge: the adapter goes into Q4_1's m)
 
 Every input is checked before a model is loaded; bad input ends with a one-line ``qalora-hf: error: ...``
 and exit status 2.  The merge runs on the CPU in float32.
@@ -247,7 +248,8 @@ def cmd_push(args) -> int:
 
 
 def cmd_gguf(args) -> int:
-    """Write a GPTQ 4-bit export as a lossless GGUF Q4_1 file (docs/gguf.md); optionally push it."""
+    """Write a GPTQ 2/3/4-bit export, or a GPTQ base + QA-LoRA adapter, as a lossless GGUF Q4_1 file (docs/gguf.md);
+    optionally push it."""
     from .gguf_export import GGUFExportError, check_gptq_dir
 
     path = Path(args.source).expanduser()
@@ -262,6 +264,8 @@ def cmd_gguf(args) -> int:
         _check_repo_id(args.push_to_hub, "--push-to-hub")
     if args.gptq_repo_id:
         _check_repo_id(args.gptq_repo_id, "--gptq-repo-id")
+    if args.adapter:
+        _check_adapter(args.adapter)
     try:
         check_gptq_dir(path)  # every refusal (bits, act-order, group size, adapters, float model) before any work
     except GGUFExportError as err:
@@ -270,10 +274,16 @@ def cmd_gguf(args) -> int:
     from .gguf_export import export_gguf, gguf_summary
 
     t0 = time.time()
-    _log(f"writing {output} (Q4_1 from the GPTQ integers; everything else by llama.cpp's converter)")
-    out = export_gguf(path, output, float_type=args.float_type, tokenizer_pre=args.tokenizer_pre, model_name=args.model_name,
-                      overwrite=args.overwrite, converter_dir=args.llama_cpp_dir)
-    summary = gguf_summary(out, path)
+    what = "the GPTQ integers + the adapter's per-group offsets in m" if args.adapter else "the GPTQ integers"
+    _log(f"writing {output} (Q4_1 from {what}; everything else by llama.cpp's converter)")
+    try:
+        out = export_gguf(path, output, adapter=args.adapter, float_type=args.float_type, tokenizer_pre=args.tokenizer_pre,
+                          model_name=args.model_name, overwrite=args.overwrite, converter_dir=args.llama_cpp_dir)
+    except GGUFExportError as err:
+        raise UsageError(str(err)) from None
+    summary = gguf_summary(out, None if args.adapter else path)
+    if args.adapter:
+        summary["checked"] = "every Q4_1 tensor decoded by gguf-py = s*(q-z) + adapter offset, to the fp16 rounding of m"
     commit = None
     if args.push_to_hub:
         from .gguf_export import push_gguf_to_hub
@@ -390,10 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message")
     p.set_defaults(func=cmd_push)
 
-    g = sub.add_parser("gguf", help="write a GPTQ 4-bit export as a lossless GGUF Q4_1 file for llama.cpp / ollama")
-    g.add_argument("source", help="GPTQ export directory ('qalora-hf merge' / export_gptq output): 4-bit, act-order off, "
+    g = sub.add_parser("gguf", help="write a GPTQ 2/3/4-bit export (or a GPTQ base + QA-LoRA adapter) as a lossless GGUF Q4_1 "
+                       "file for llama.cpp / ollama")
+    g.add_argument("source", help="GPTQ export directory ('qalora-hf merge' / export_gptq output), or with --adapter the GPTQ "
+                   "base directory: 2/3/4-bit, act-order off, "
                    "group size -1 or a multiple of 32")
     g.add_argument("-o", "--output", required=True, help="the .gguf file to write (atomically)")
+    g.add_argument("--adapter", help="a saved QA-LoRA adapter (unmerged) trained on SOURCE, which is then the GPTQ base: "
+                   "the adapter goes into each Q4_1 block's float m, so the file is the trained model, with no merge loss")
     g.add_argument("--float-type", choices=("auto", "f32", "f16", "bf16"), default="auto",
                    help="type of the unquantised tensors (embeddings, an unquantised lm_head): auto (default) = f16/bf16 when "
                         "that is exact, else f32; norms and biases are always f32")

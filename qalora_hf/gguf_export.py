@@ -61,8 +61,9 @@ LLAMA_INSTALL_HINT = (
     "pip install 'qalora-hf[llama]'   (or: make install-llama)"
 )
 
+Q4_1_BITS = (2, 3, 4)  # GPTQ code widths whose codes a Q4_1 nibble holds unchanged
 WHAT_EXPORTS = (
-    "GGUF Q4_1 holds exactly: GPTQ bits=4, desc_act=False (no act-order), group_size -1 or a multiple of 32, "
+    "GGUF Q4_1 holds exactly: GPTQ bits=4 (or 2, 3), desc_act=False (no act-order), group_size -1 or a multiple of 32, "
     "every quantised layer's in_features a multiple of 32"
 )
 
@@ -75,24 +76,30 @@ class GGUFExportError(ValueError):
 # Q4_1 packing (our part: exact integers in, exact blocks out)
 
 
-def pack_q4_1(q, z, scales, g_idx, name: str = "layer"):
-    """Pack one GPTQ 4-bit layer into GGUF ``Q4_1`` rows, without re-quantising.
+def pack_q4_1(q, z, scales, g_idx, name: str = "layer", offset=None):
+    """Pack one GPTQ 2/3/4-bit layer into GGUF ``Q4_1`` rows, without re-quantising.
 
     Args:
         q: integer codes ``[K, N]`` in ``[0, 15]`` (``in_features`` x ``out_features``; torch or numpy).
+            2- and 3-bit codes are 4-bit codes that leave the top values unused.
         z: v2 zero-points (the real ``z``) ``[G, N]`` in ``[0, 15]``.
         scales: ``[G, N]`` fp16 scales (any float dtype holding fp16 values).
         g_idx: ``[K]`` group of each input channel.
         name: layer name for error messages.
+        offset: optional float ``[G, N]`` added to every weight of group ``l`` in output row ``o``: a QA-LoRA
+            adapter's whole update, ``D = qalora_hf.adapter.group_delta(layer)`` (paper §3.3: the pooled
+            adapter's ``dW`` is constant inside a group).  It goes into ``m`` exactly, before the one fp16
+            rounding, so the block decodes to ``s * (q - z) + D`` (docs/gguf.md, "Base + adapter").
 
     Returns:
         numpy uint8 ``[N, K // 32 * 20]``: row ``o`` holds the ``K / 32`` ``block_q4_1`` of output row
-        ``o`` (``d`` fp16 = ``s``, ``m`` fp16 = ``-s * z`` rounded once, ``qs[j] = q[j] | q[j + 16] << 4``),
+        ``o`` (``d`` fp16 = ``s``, ``m`` fp16 = ``-s * z + offset`` rounded once, ``qs[j] = q[j] | q[j + 16] << 4``),
         the byte layout ``gguf.GGUFWriter.add_tensor(..., raw_dtype=Q4_1)`` takes.
 
     Raises:
         GGUFExportError: ``K`` not a multiple of 32, a block of 32 input channels spanning two groups
-            (act-order, or a group size that is not a multiple of 32), or a code outside ``[0, 15]``.
+            (act-order, or a group size that is not a multiple of 32), a code outside ``[0, 15]``, or an
+            ``offset`` that is not finite or not ``[G, N]``.
     """
     import numpy as np
     import torch
@@ -114,13 +121,19 @@ def pack_q4_1(q, z, scales, g_idx, name: str = "layer"):
         )
     for what, t in (("codes", q), ("zero-points", z)):
         if t.numel() and (int(t.min()) < 0 or int(t.max()) > 15):
-            raise GGUFExportError(f"{name}: {what} outside [0, 15]; not a 4-bit GPTQ layer.")
+            raise GGUFExportError(f"{name}: {what} outside [0, 15]; not a 2/3/4-bit GPTQ layer.")
     if not bool((s.half().float() == s).all()):
         raise GGUFExportError(f"{name}: scales are not fp16 values; GPTQ stores fp16 scales.")
     gb = blocks_g[:, 0]  # group of each block, [K/32]
     d = s[gb].t().contiguous()  # [N, K/32]
     # s*z is exact in fp32 (11-bit mantissa x 4-bit integer); "0.0 - x" so that z = 0 gives +0.0, not -0.0
-    m = (0.0 - s * z.to(torch.float32))[gb].t().contiguous()
+    m = 0.0 - s * z.to(torch.float32)
+    if offset is not None:
+        off = torch.as_tensor(offset).to(torch.float64)
+        if tuple(off.shape) != tuple(s.shape) or not bool(torch.isfinite(off).all()):
+            raise GGUFExportError(f"{name}: offset must be finite with the scales' shape {tuple(s.shape)}, got {tuple(off.shape)}.")
+        m = m.to(torch.float64) + off  # exact sum in float64; rounded once, to fp16, below
+    m = m[gb].t().contiguous()
     codes = q.t().reshape(n, k // QK4_1, QK4_1).to(torch.uint8)  # [N, K/32, 32]
     qs = codes[..., :16] | (codes[..., 16:] << 4)
     out = np.concatenate(
@@ -185,9 +198,9 @@ def _check_quantization_config(config: dict, where: str) -> dict:
     if method != "gptq":
         raise GGUFExportError(f"{where} is quantised with {method!r}, not GPTQ; {WHAT_EXPORTS}.")
     bits, desc_act, group_size = int(qc.get("bits", 0)), bool(qc.get("desc_act", False)), int(qc.get("group_size", -1))
-    if bits != 4:
+    if bits not in Q4_1_BITS:
         raise GGUFExportError(
-            f"{where}: bits={bits}; GGUF has no type that holds {bits}-bit GPTQ integers exactly (Q4_1 holds 4 bits). "
+            f"{where}: bits={bits}; GGUF has no type that holds {bits}-bit GPTQ integers exactly (Q4_1 holds codes 0..15). "
             f"{WHAT_EXPORTS}. Refusing rather than re-quantising."
         )
     if desc_act:
@@ -554,7 +567,8 @@ def _check_model(model) -> None:
     if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         raise GGUFExportError(
             "the model still holds adapters (a PeftModel / LoRA layers): merge first with "
-            "qalora_hf.merge_qalora(model), then export the merged model."
+            "qalora_hf.merge_qalora(model), then export the merged model; or write base + adapter losslessly with "
+            "export_gguf(<GPTQ base directory>, path, adapter=<saved adapter directory>)."
         )
     config = getattr(model, "config", None)
     qc = getattr(config, "quantization_config", None)
@@ -565,7 +579,7 @@ def _check_model(model) -> None:
     if not layers:
         raise GGUFExportError("the model has a GPTQ quantization_config but no gptqmodel quantised layers.")
     for name, layer in layers.items():
-        if int(layer.bits) != 4:
+        if int(layer.bits) not in Q4_1_BITS:
             raise GGUFExportError(f"{name}: bits={layer.bits}; {WHAT_EXPORTS}.")
         if layer.in_features % QK4_1:
             raise GGUFExportError(f"{name}: in_features={layer.in_features} is not a multiple of {QK4_1}; {WHAT_EXPORTS}.")
@@ -574,10 +588,67 @@ def _check_model(model) -> None:
             raise GGUFExportError(f"{name}: g_idx puts one block of {QK4_1} input channels into several groups (act-order?); {WHAT_EXPORTS}.")
 
 
+def _check_adapter_dir(adapter) -> Path:
+    """A saved QA-LoRA adapter directory (``adapter_config.json`` with ``use_qalora``, safetensors weights)."""
+    from .safety import check_adapter_dir
+
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise GGUFExportError(f"adapter={adapter}: no adapter_config.json there; pass the directory the adapter was saved to "
+                              "(save_pretrained / a trainer checkpoint).")
+    if not json.loads((path / "adapter_config.json").read_text()).get("use_qalora", False):
+        raise GGUFExportError(f"adapter={adapter} is a plain LoRA adapter (use_qalora is not true): its update is not constant "
+                              "inside quantisation groups, so no Q4_1 block holds it. Only QA-LoRA adapters export this way.")
+    try:
+        check_adapter_dir(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise GGUFExportError(f"adapter={adapter}: {err}") from None
+    return path
+
+
+def qalora_offsets(model, adapter_name: str = "default") -> dict:
+    """Each QA-LoRA layer's whole update as a per-group offset, by GPTQ layer name.
+
+    Args:
+        model: a ``PeftModel`` holding QA-LoRA adapter ``adapter_name`` (unmerged) on a GPTQ base.
+
+    Returns:
+        ``{prefix: D}`` with ``prefix`` the layer's name in the base checkpoint (``model.layers.0.self_attn.q_proj``)
+        and ``D`` float32 ``[G, N]`` = :func:`qalora_hf.adapter.group_delta` (``dW[o, i] = D[g_idx[i], o]``).
+    """
+    from .adapter import group_delta
+    from .merge import qalora_layers
+
+    out = {}
+    for name, module in qalora_layers(model, adapter_name).items():
+        if adapter_name in getattr(module, "merged_adapters", []):
+            raise GGUFExportError(f"{name}: the adapter is already merged into the layer; export the merged model without adapter=.")
+        out[name.removeprefix("base_model.model.")] = group_delta(module, adapter_name)
+    return out
+
+
+def _adapter_offsets(base_dir: Path, adapter: Path, layers: dict) -> dict:
+    from .gptq import load_gptq_model
+    from .model import load_qalora_adapter
+
+    try:
+        peft_model = load_qalora_adapter(load_gptq_model(str(base_dir)), str(adapter))
+    except ValueError as err:  # another base, a stock adapter on act-order, an adapter that does not fit
+        raise GGUFExportError(f"adapter={adapter}: {err}") from None
+    offsets = qalora_offsets(peft_model)
+    del peft_model
+    unknown = sorted(set(offsets) - set(layers))
+    if unknown or not offsets:
+        raise GGUFExportError(f"adapter={adapter}: " + (f"{unknown[0]} is not a GPTQ layer of {base_dir}." if unknown
+                                                         else "it holds no QA-LoRA layer on this base."))
+    return offsets
+
+
 def export_gguf(
     source,
     output_path: str | os.PathLike,
     *,
+    adapter: Optional[str | os.PathLike] = None,
     tokenizer=None,
     float_type: str = "auto",
     tokenizer_pre: Optional[str] = None,
@@ -586,12 +657,19 @@ def export_gguf(
     converter_dir: Optional[str | os.PathLike] = None,
     check: bool = True,
 ) -> Path:
-    """Write a merged GPTQ 4-bit model as one GGUF file whose linear weights are exact ``Q4_1`` blocks.
+    """Write a merged GPTQ 2/3/4-bit model, or a GPTQ base + its QA-LoRA adapter, as one GGUF file whose
+    linear weights are exact ``Q4_1`` blocks.
 
     Args:
         source: a GPTQ export directory (``export_gptq`` / ``qalora-hf merge`` output; v1 or v2 zero-points),
             or an in-memory merged GPTQ model (``transformers`` + gptqmodel); the latter is first written
             with :func:`qalora_hf.export_gptq` to a temporary directory, so ``tokenizer`` is then required.
+            With ``adapter``: the GPTQ base directory the adapter was trained on.
+        adapter: a saved QA-LoRA adapter directory (unmerged).  Its update is constant inside each group
+            (paper §3.3), so it goes into each block's float ``m`` (:func:`pack_q4_1` ``offset``) and the file
+            holds the trained model itself, to the fp16 rounding of ``m``: no merge, none of the merge's loss
+            (docs/gguf.md, "Base + adapter").  The adapter is loaded with PEFT onto the base first (seconds
+            to minutes: the base is loaded once, on CPU).
         output_path: the ``.gguf`` file to write; written to a temporary file beside it and renamed into
             place when complete.
         tokenizer: the tokenizer (only for an in-memory model).
@@ -605,21 +683,27 @@ def export_gguf(
         overwrite: replace an existing ``output_path``.
         converter_dir: a llama.cpp source tree to take the converter from (see :func:`llama_cpp_converter`).
         check: after writing, decode every Q4_1 tensor with gguf-py and compare it with the GPTQ
-            integers (:func:`check_gguf`); the file is renamed into place only if that passes.
+            integers, plus the adapter's offsets (:func:`check_gguf`); the file is renamed into place only if
+            that passes.
 
     Returns:
         ``Path(output_path)``.
 
     Raises:
         GGUFExportError: before anything is written, for a model holding adapters ("merge first"), a float
-            model, bits != 4, act-order, a group size not a multiple of 32, an ``in_features`` not a
+            model, bits not 2/3/4, act-order, a group size not a multiple of 32, an ``in_features`` not a
             multiple of 32, an architecture whose converter transforms linear weights other than by
-            moving whole rows, or an unrecognised BPE pre-tokenizer (pass ``tokenizer_pre``).
+            moving whole rows, an unrecognised BPE pre-tokenizer (pass ``tokenizer_pre``), or an ``adapter``
+            that is missing, not QA-LoRA, trained on another base, or given with an in-memory ``source``.
         FileExistsError: ``output_path`` exists and ``overwrite`` is False.
     """
     if float_type not in FLOAT_TYPES:
         raise GGUFExportError(f"float_type={float_type!r}; choose one of {FLOAT_TYPES}.")
     target = _check_output(output_path, overwrite)
+    if adapter is not None:
+        if not isinstance(source, (str, os.PathLike)):
+            raise GGUFExportError("adapter= needs source to be the GPTQ base directory the adapter was trained on, not a model.")
+        adapter = _check_adapter_dir(adapter)
     with tempfile.TemporaryDirectory(prefix="qalora-gguf-") as scratch:
         scratch = Path(scratch)
         if isinstance(source, (str, os.PathLike)):
@@ -637,7 +721,9 @@ def export_gguf(
             info = check_gptq_dir(src)
         converter = llama_cpp_converter(converter_dir)
         chosen = _auto_float_type(src, info["layers"]) if float_type == "auto" else float_type
-        packed = {prefix: pack_q4_1(t.q, t.z, t.scales, t.g_idx, prefix) for prefix, t in read_gptq_layers(src, info["layers"])}
+        offsets = _adapter_offsets(src, adapter, info["layers"]) if adapter is not None else {}
+        packed = {prefix: pack_q4_1(t.q, t.z, t.scales, t.g_idx, prefix, offset=offsets.get(prefix))
+                  for prefix, t in read_gptq_layers(src, info["layers"])}
         _write_packed(packed, scratch / "packed.safetensors")
         del packed
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -646,12 +732,13 @@ def export_gguf(
             _run_converter({"dir_model": str(src), "packed_file": str(scratch / "packed.safetensors"), "out_path": str(tmp),
                             "float_type": chosen, "tokenizer_pre": tokenizer_pre, "model_name": model_name}, converter)
             if check:
-                check_gguf(tmp, src)
+                check_gguf(tmp, src, offsets=offsets)
             os.replace(tmp, target)
         finally:
             if tmp.exists():
                 tmp.unlink()
-    logger.info("wrote %s (Q4_1 linear weights, %s for the other tensors)", target, chosen)
+    logger.info("wrote %s (Q4_1 linear weights%s, %s for the other tensors)", target,
+                f", {len(offsets)} with the adapter in m" if offsets else "", chosen)
     return target
 
 
@@ -674,14 +761,15 @@ def _permute_like_converter(arch: str, prefix: str, w, hparams: dict):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def check_gguf(gguf_path: str | os.PathLike, gptq_dir: str | os.PathLike) -> dict:
+def check_gguf(gguf_path: str | os.PathLike, gptq_dir: str | os.PathLike, offsets: Optional[dict] = None) -> dict:
     """Decode every ``Q4_1`` tensor of ``gguf_path`` with gguf-py (``gguf.quants.dequantize``) and compare it
-    with the GPTQ export's dequantised weight ``s * (q - z)``.
+    with the GPTQ export's dequantised weight ``s * (q - z)``, plus ``offsets[prefix][g_idx[i], o]`` when
+    given (a QA-LoRA adapter's update, :func:`qalora_offsets`).
 
     Each GPTQ layer is matched to its GGUF tensor by its decoded values (a GGUF tensor is the layer's
     weight with its rows possibly reordered by the converter, e.g. Llama's q/k head permutation, which is
     applied to the reference for ``general.architecture == "llama"``). The tolerance per weight is half
-    an fp16 ulp of ``m = -s*z`` (the one rounding of the export), plus float32 rounding.
+    an fp16 ulp of ``m = -s*z (+ D)`` (the one rounding of the export), plus float32 rounding.
 
     Returns:
         ``{"tensors": n, "max_abs_err": float, "max_err_over_step": float}``, the largest error in units
@@ -712,11 +800,17 @@ def check_gguf(gguf_path: str | os.PathLike, gptq_dir: str | os.PathLike) -> dic
     except (KeyError, ValueError, AttributeError):
         pass
     used, worst_abs, worst_rel, n = set(), 0.0, 0.0, 0
+    offsets = offsets or {}
     for prefix, ints in read_gptq_layers(gptq_dir):
-        ref = _permute_like_converter(arch, prefix, ints.dequantize().numpy(), hparams)
-        s = _permute_like_converter(arch, prefix, ints.scales.float()[ints.g_idx.long()].t().numpy(), hparams)
-        m = -(ints.scales.float() * ints.z.float())[ints.g_idx.long()].t().numpy()
-        m = _permute_like_converter(arch, prefix, m, hparams)
+        g = ints.g_idx.long()
+        m = -(ints.scales.double() * ints.z.double())
+        ref = ints.dequantize().double()
+        if prefix in offsets:
+            d = torch.as_tensor(offsets[prefix]).double()
+            m, ref = m + d, ref + d[g].t()
+        ref = _permute_like_converter(arch, prefix, ref.float().numpy(), hparams)
+        s = _permute_like_converter(arch, prefix, ints.scales.float()[g].t().numpy(), hparams)
+        m = _permute_like_converter(arch, prefix, m[g].t().float().numpy(), hparams)
         tol = np.abs(m) * 2.0**-11 + np.abs(ref) * 2.0**-22 + 1e-30  # half an fp16 ulp of m, + fp32 rounding
         match = None
         mapped = name_map.get_name(prefix) if name_map is not None else None
@@ -737,7 +831,6 @@ def check_gguf(gguf_path: str | os.PathLike, gptq_dir: str | os.PathLike) -> dic
         worst_rel = max(worst_rel, float((err / np.maximum(s, 1e-30)).max()))
         n += 1
     assert used == set(q41), f"Q4_1 tensors not matched to a GPTQ layer: {sorted(set(q41) - used)[:3]}"
-    del torch
     return {"tensors": n, "max_abs_err": worst_abs, "max_err_over_step": worst_rel}
 
 
@@ -852,21 +945,24 @@ def compare_with_reference(ours: str | os.PathLike, reference: str | os.PathLike
     }
 
 
-def gguf_summary(gguf_path: str | os.PathLike, gptq_dir: str | os.PathLike) -> dict:
-    """What a GGUF export holds: tensor counts by type, ``general.file_type``, and :func:`check_gguf`'s figures."""
+def gguf_summary(gguf_path: str | os.PathLike, gptq_dir: Optional[str | os.PathLike]) -> dict:
+    """What a GGUF export holds: tensor counts by type, ``general.file_type``, and :func:`check_gguf`'s figures
+    (without ``gptq_dir``: no check, e.g. for a base + adapter file, which ``export_gguf`` checked itself)."""
     from collections import Counter
 
     from gguf import GGUFReader
 
     reader = GGUFReader(str(gguf_path))
     types = Counter(t.tensor_type.name for t in reader.tensors)
-    check = check_gguf(gguf_path, gptq_dir)
-    return {
+    out = {
         "architecture": bytes(reader.fields["general.architecture"].parts[-1]).decode(),
         "tensor_types": ", ".join(f"{n} {k}" for k, n in sorted(types.items())),
-        "q4_1_tensors_checked": check["tensors"],
-        "max_err_over_step": f"{check['max_err_over_step']:.2e} (gguf-py decode vs GPTQ s*(q-z); fp16 rounding of m)",
     }
+    if gptq_dir is not None:
+        check = check_gguf(gguf_path, gptq_dir)
+        out["q4_1_tensors_checked"] = check["tensors"]
+        out["max_err_over_step"] = f"{check['max_err_over_step']:.2e} (gguf-py decode vs GPTQ s*(q-z); fp16 rounding of m)"
+    return out
 
 
 GGUF_COMMIT_MESSAGE = "Upload lossless GGUF Q4_1 export (QA-LoRA merged GPTQ integers)"

@@ -158,6 +158,99 @@ def test_in_memory_merged_model_exports_the_same_tensors(exported, load_tiny_gpt
 
 
 # --------------------------------------------------------------------------------------------------
+# Base + unmerged QA-LoRA adapter: the adapter goes into each block's m, so the file is the trained model
+
+
+def test_pack_q4_1_offset_goes_into_m_exactly():
+    q, z, s, g_idx = _synthetic(group_size=64)
+    k, n = q.shape
+    d = torch.randn(s.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.003
+    decoded = _q4_1(pack_q4_1(q, z, s, g_idx, offset=d), n, k)
+    w = (s.double()[g_idx] * (q - z[g_idx]).double() + d[g_idx]).t().numpy()
+    m = (-(s.double() * z.double()) + d)[g_idx].t().numpy()
+    assert np.all(np.abs(decoded - w) <= np.abs(m) * 2.0**-11 + 1e-7)  # one fp16 rounding of m = -s*z + D
+    assert np.abs(decoded - _q4_1(pack_q4_1(q, z, s, g_idx), n, k)).max() > 1e-3  # the offset is there
+    with pytest.raises(GGUFExportError, match="offset must be finite"):
+        pack_q4_1(q, z, s, g_idx, offset=d[:1])
+
+
+def _effective_weight(module) -> torch.Tensor:
+    """W [N, K] of a layer as its own forward computes it (gptqmodel's kernel + PEFT's QA-LoRA path), bias removed."""
+    k = module.get_base_layer().in_features
+    with torch.no_grad():
+        eye = torch.eye(k, dtype=torch.float32)
+        out = module(eye) - module(torch.zeros(1, k))
+    return out.t().double()
+
+
+@pytest.mark.parametrize("bits,sym", [(4, False), (3, True)], ids=["b4-asym", "b3-sym"])
+def test_base_plus_adapter_decodes_to_the_trained_models_weights(bits, sym, gptq_checkpoint, tiny_tok, tmp_path):
+    from qalora_hf import QALoraConfig, get_qalora_model
+    from qalora_hf.cli import main
+    from qalora_hf.gptq import load_gptq_model
+    from qalora_hf.merge import qalora_layers
+
+    base = gptq_checkpoint(bits, False, sym)
+    torch.manual_seed(0)
+    peft_model = get_qalora_model(load_gptq_model(str(base)), QALoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    layers = qalora_layers(peft_model)
+    for m in layers.values():  # a visible update: a fraction of a quantisation step per group
+        m.lora_B["default"].weight.data.mul_(0.2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "tiny-qalora-Q4_1.gguf"
+    assert main(["gguf", str(base), "--adapter", str(tmp_path / "adapter"), "-o", str(out),
+                 "--tokenizer-pre", TOKENIZER_PRE, "--model-name", MODEL_NAME]) == 0
+
+    cfg = peft_model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    assert len(layers) == 14
+    moved = 0.0
+    for name, module in layers.items():
+        prefix = name.removeprefix("base_model.model.")
+        t = tensors[names.get_name(prefix) + ".weight"]
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q4_1
+        decoded = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
+        trained = _effective_weight(module).numpy()
+        base_w = module.get_base_layer().dequantize_weight().t().double().numpy()
+        heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(prefix.rsplit(".", 1)[-1])
+        if heads:  # llama.cpp's Llama converter permutes the q/k rows (LlamaModel.permute)
+            trained, base_w = (w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+                               for w in (trained, base_w))
+        step = np.abs(base_w).max()
+        assert np.abs(decoded - trained).max() <= step * 2.0**-10 + 1e-5, prefix  # fp16 rounding of m, fp32 matmul
+        moved = max(moved, float(np.abs(decoded - base_w).max() / step))
+    assert moved > 0.01  # the adapter is in the file, not just the base
+    meta = gguf_metadata(out)
+    assert meta["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_1)
+
+    if llama_cpp_available():  # llama.cpp itself runs the file like transformers runs the unmerged adapter
+        from qalora_hf.gguf_export import _llama
+        from qalora_hf.testing.tiny import TINY_TEXTS
+
+        ids = tiny_tok(TINY_TEXTS[3])["input_ids"]
+        with torch.no_grad():
+            ref = peft_model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+        llm = _llama(out, n_ctx=64, n_threads=1, logits_all=True)
+        llm.eval(ids)
+        got = np.asarray(llm.scores[: len(ids)])
+        llm.close()
+        assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max() + 1e-3
+
+
+def test_adapter_from_another_base_is_refused_before_writing(gptq_checkpoint, tmp_path):
+    from qalora_hf import QALoraConfig, get_qalora_model
+    from qalora_hf.gptq import load_gptq_model
+
+    peft_model = get_qalora_model(load_gptq_model(str(gptq_checkpoint(4, False, False))), QALoraConfig(r=4))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "x.gguf"
+    with pytest.raises(GGUFExportError, match="adapter="):
+        export_gguf(gptq_checkpoint(4, False, True), out, adapter=tmp_path / "adapter")
+    _no_output(out)
+
+
+# --------------------------------------------------------------------------------------------------
 # Refusals: before anything is written, with a message that names what would export
 
 
@@ -165,11 +258,11 @@ def _no_output(path: Path):
     assert not path.exists() and not list(path.parent.glob(f".{path.name}.tmp-*"))
 
 
-@pytest.mark.parametrize("kind", ["bits8", "act_order", "group48", "float_dir", "adapter_dir"])
+@pytest.mark.parametrize("kind", ["bits8", "act_order", "group48", "float_dir", "adapter_dir", "lora_adapter", "adapter_no_base"])
 def test_refusals_of_directories(kind, gptq_checkpoint, tiny_float_dir, tmp_path):
     out = tmp_path / "x.gguf"
     if kind == "bits8":
-        src, match = gptq_checkpoint(8, False, False), "bits=8.*Q4_1 holds 4 bits"
+        src, match = gptq_checkpoint(8, False, False), "bits=8.*Q4_1 holds codes 0..15"
     elif kind == "act_order":
         src, match = gptq_checkpoint(4, True, False), "act-order"
     elif kind == "group48":
@@ -181,15 +274,25 @@ def test_refusals_of_directories(kind, gptq_checkpoint, tiny_float_dir, tmp_path
         match = "group_size=48 is not a multiple of 32"
     elif kind == "float_dir":
         src, match = tiny_float_dir, "float model"
-    else:
+    elif kind == "adapter_dir":
         src = tmp_path / "adapter"
         src.mkdir()
         (src / "adapter_config.json").write_text("{}")
         match = "merge it into its GPTQ base first"
+    else:  # adapter=: a plain LoRA adapter, or a model instead of the base directory
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text(json.dumps({"use_qalora": kind != "lora_adapter"}))
+        src = gptq_checkpoint(4, False, False)
+        match = "plain LoRA adapter" if kind == "lora_adapter" else "GPTQ base directory"
+        with pytest.raises(GGUFExportError, match=match):
+            export_gguf(src if kind == "lora_adapter" else object(), out, adapter=adapter)
+        _no_output(out)
+        return
     with pytest.raises(GGUFExportError, match=match) as err:
         export_gguf(src, out)
     if kind != "float_dir" and kind != "adapter_dir":
-        assert "bits=4" in str(err.value) and "desc_act=False" in str(err.value)  # names what would export
+        assert "bits=4 (or 2, 3)" in str(err.value) and "desc_act=False" in str(err.value)  # names what would export
     _no_output(out)
 
 
