@@ -13,7 +13,11 @@ own process and each skipped when its result is already on disk (so an interrupt
    gptqmodel (cached per configuration) and trains the adapter, exactly as a user's run does;
 2. ``bench/merge_fidelity.py`` on that base and adapter: held-out loss (the recipe's 99 held-out rows) of the
    base, the trained model (adapter unmerged) and each merge strategy's export (written with ``export_gptq`` and
-   reloaded), and the QLoRA-style baseline (float-merge, then a fresh GPTQ of the merged float model).
+   reloaded), and the QLoRA-style baseline (float-merge, then a fresh GPTQ of the merged float model);
+3. where GGUF ``Q4_1`` holds the base (act-order off, group a multiple of 32), ``bench/gguf_fidelity.py`` on the
+   same base and adapter: the GGUF written from base + unmerged adapter (``export_gguf(..., adapter=...)``, no
+   merge), decoded by transformers' GGUF loader on the same rows, and run by llama.cpp when it is installed
+   (``gguf.json``).
 
 "gain kept" = (loss_base - loss_export) / (loss_base - loss_trained). The goal (issue 17): >= 99 % in every cell
 whose gain is at least 0.02 nats, and above the QLoRA-style baseline everywhere.
@@ -48,6 +52,8 @@ CONFIG = REPO / "recipes" / "configs" / "smollm2_135m_cpu.yaml"
 MIN_GAIN = 0.02  # nats: below this, "gain kept" is noise (issue 17)
 GOAL = 0.99
 REQUANT = "QLoRA-style: float-merge + fresh GPTQ"  # bench/merge_fidelity.py's row of the QLoRA-style baseline
+GGUF = "GGUF Q4_1 (base + adapter, no merge)"  # bench/gguf_fidelity.py, decoded by transformers' GGUF loader
+GGUF_LLAMA = "same GGUF in llama.cpp"
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,7 @@ def _run(cmd: list[str], log: Path) -> None:
     print(f"   done in {time.time() - t:.0f} s", flush=True)
 
 
-def run_cell(cell: Cell, strategies: str, requant: bool, python: str, train_only: bool = False) -> dict:
+def run_cell(cell: Cell, strategies: str, requant: bool, python: str, train_only: bool = False, gguf: bool = True) -> dict:
     d = ROOT / cell.name
     d.mkdir(parents=True, exist_ok=True)
     run = d / "run"
@@ -159,7 +165,17 @@ def run_cell(cell: Cell, strategies: str, requant: bool, python: str, train_only
         tmp.replace(out)
         part.unlink()
         done = new
+    gguf_out = d / "gguf.json"
+    if gguf and gguf_holds(cell) and not gguf_out.is_file():
+        print(f"== {cell.name}: GGUF Q4_1 from base + adapter (no merge)", flush=True)
+        _run([python, "bench/gguf_fidelity.py", "--base", info["base_model"], "--adapter", str(adapter), "--out", str(gguf_out)],
+             d / "gguf.log")
     return done
+
+
+def gguf_holds(cell: Cell) -> bool:
+    """Whether GGUF Q4_1 holds the cell's base exactly (qalora_hf.gguf_export: bits <= 4, act-order off, whole 32-blocks)."""
+    return cell.bits <= 4 and not cell.desc_act and cell.group_size % 32 == 0
 
 
 def measured(cell: Cell, root: Path = ROOT) -> Optional[dict]:
@@ -179,29 +195,35 @@ def measured(cell: Cell, root: Path = ROOT) -> Optional[dict]:
         name = "QLoRA-style" if key == REQUANT else key.removeprefix("export: ") if key.startswith("export: ") else None
         if name:
             out[name] = {"loss": r["heldout_loss"], "gain_kept": gain_kept(lb, lt, r["heldout_loss"])}
+    g = root / cell.name / "gguf.json"
+    if g.is_file():  # bench/gguf_fidelity.py, base + adapter: gain kept against its own base/trained losses (same rows)
+        data = json.loads(g.read_text())
+        out[GGUF] = {"loss": data["loss"]["gguf_transformers"], "gain_kept": data["gain_kept_transformers"]}
+        if data.get("gain_kept_llama_cpp") is not None:
+            out[GGUF_LLAMA] = {"loss": data["loss"]["gguf_llama_cpp"], "gain_kept": data["gain_kept_llama_cpp"]}
     return out
 
 
-def table(cells: list[Cell], strategies: list[str]) -> tuple[str, dict]:
+def table(cells: list[Cell], strategies: list[str], root: Path = ROOT) -> tuple[str, dict]:
     head = ["cell", "bits", "group", "sym", "act-order", "r", "lr", "steps", "base", "trained", "gain (nats)"]
-    head += [f"{s} kept" for s in strategies] + ["QLoRA-style kept"]
+    head += [f"{s} kept" for s in strategies] + ["QLoRA-style kept", f"{GGUF} kept", f"{GGUF_LLAMA} kept"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    summary: dict = {s: [] for s in strategies}
+    summary: dict = {s: [] for s in strategies + [GGUF, GGUF_LLAMA]}
     rows = {}
     for c in cells:
-        row = measured(c)
+        row = measured(c, root)
         if row is None:
             continue
         gain = row["gain"]
         cells_out = [c.name + ("" if c in DESIGN else " (diagnostic)"), str(c.bits), str(c.group_size), "sym" if c.sym else "asym", "on" if c.desc_act else "off",
                      str(c.lora_r), f"{c.learning_rate:g}", str(c.max_steps), f"{row['loss_base']:.4f}", f"{row['loss_trained']:.4f}", f"{gain:.4f}"]
-        for s in strategies + ["QLoRA-style"]:
+        for s in strategies + ["QLoRA-style", GGUF, GGUF_LLAMA]:
             if s not in row:
-                cells_out.append("")
+                cells_out.append(("no Q4_1 (act-order)" if c.desc_act else "no Q4_1") if s in (GGUF, GGUF_LLAMA) and not gguf_holds(c) else "")
                 continue
             kept = row[s]["gain_kept"]
             mark = "" if s == "QLoRA-style" or gain < MIN_GAIN else (" ✓" if kept >= GOAL else f" (−{100 * (GOAL - kept):.1f})")
-            cells_out.append(f"{100 * kept:.1f}%{mark}")
+            cells_out.append(f"{100 * kept:.{2 if s in (GGUF, GGUF_LLAMA) else 1}f}%{mark}")
             if s in summary and gain >= MIN_GAIN and c in DESIGN:
                 summary[s].append(kept)
         rows[c.name] = row
@@ -260,6 +282,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cells", default=None, help="comma-separated cell names of DESIGN or DIAGNOSTIC (default: all of DESIGN)")
     ap.add_argument("--strategies", default="distill", help="merge strategies to measure in every cell (merge_fidelity.py syntax)")
     ap.add_argument("--no-requant", action="store_true", help="skip the QLoRA-style baseline (a GPTQ run per cell)")
+    ap.add_argument("--no-gguf", action="store_true", help="skip the GGUF Q4_1 export from base + adapter")
     ap.add_argument("--table", action="store_true", help="only print the table of the cells measured so far")
     ap.add_argument("--train-only", action="store_true", help="only quantise and train the cells (merge them later)")
     ap.add_argument("--python", default=sys.executable)
@@ -283,7 +306,7 @@ def main(argv=None) -> int:
     if run:  # --update-card-matrix alone writes what is measured; it never starts the whole design
         for n in names:
             run_cell(by_name[n], args.strategies, requant=not (args.no_requant or args.quick), python=args.python,
-                     train_only=args.train_only)
+                     train_only=args.train_only, gguf=not args.no_gguf)
     if args.update_card_matrix:
         write_card_matrix(args.update_card_matrix)
     md, payload = table(DESIGN + [c for c in DIAGNOSTIC if c.name in names or (ROOT / c.name / "fidelity.json").is_file()], strategies)

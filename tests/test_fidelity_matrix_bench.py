@@ -68,3 +68,21 @@ def test_card_matrix_keeps_unmeasured_cells_and_replaces_measured_ones(fm, tmp_p
     out.write_text(json.dumps({**shipped, "strategy": "round"}))
     fm.write_card_matrix("distill", root=root, out=out)
     assert [c["name"] for c in json.loads(out.read_text())["cells"]] == [demo.name, third.name]
+
+
+def test_table_reads_the_gguf_export_of_base_plus_adapter(fm, tmp_path):
+    demo, act = fm.DESIGN[0], fm.DESIGN[1]
+    assert fm.gguf_holds(demo) and not fm.gguf_holds(act)
+    root = tmp_path / "results"
+    _fidelity(root, demo, 2.0, 1.8, 1.803, 1.9)  # the GPTQ merge keeps 98.5 %
+    _fidelity(root, act, 2.0, 1.9, 1.901, 1.95)
+    (root / demo.name / "gguf.json").write_text(json.dumps({
+        "loss": {"base": 2.0, "trained": 1.8, "gguf_transformers": 1.8001, "gguf_llama_cpp": 1.81, "base_gguf_llama_cpp": 2.008},
+        "gain_kept_transformers": 0.9995, "gain_kept_llama_cpp": 0.99}))
+    row = fm.measured(demo, root)
+    assert row[fm.GGUF]["gain_kept"] == pytest.approx(0.9995) and row[fm.GGUF_LLAMA]["loss"] == pytest.approx(1.81)
+    md, payload = fm.table([demo, act], ["distill"], root)
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| b")}
+    assert "98.5% (−0.5)" in lines[demo.name] and "99.95% ✓" in lines[demo.name] and "99.00% ✓" in lines[demo.name]
+    assert lines[act.name].count("no Q4_1 (act-order)") == 2
+    assert payload["summary"][fm.GGUF] == {"cells": 1, "min": pytest.approx(0.9995), "median": pytest.approx(0.9995)}
