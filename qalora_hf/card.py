@@ -687,8 +687,11 @@ def build_gguf_model_card(
     license: Optional[str] = None,
     fidelity: Optional[dict] = None,
     template_path: Optional[str | os.PathLike] = None,
+    from_adapter: bool = False,
 ) -> ModelCard:
-    """The card of a ``-GGUF`` repo holding a lossless Q4_1 export (:func:`qalora_hf.gguf_export.export_gguf`).
+    """The card of a ``-GGUF`` repo holding a lossless Q4_1 export (:func:`qalora_hf.gguf_export.export_gguf`):
+    of a merged GPTQ checkpoint, or with ``from_adapter`` of a GPTQ base + its unmerged QA-LoRA adapter
+    (``gptq_repo_id`` is then the base's repo).
 
     Metadata: ``base_model`` = the GPTQ repo with ``base_model_relation: quantized`` (the same weights in
     another format), ``library_name: gguf``, tags ``gguf``, ``q4_1``, ``qalora``, ``llama.cpp``.
@@ -699,7 +702,7 @@ def build_gguf_model_card(
     bases = [m for m in ([gptq_repo_id] if gptq_repo_id else []) if _REPO_ID.fullmatch(m)]
     card_data = ModelCardData(
         base_model=bases or None,
-        base_model_relation="quantized" if bases else None,
+        base_model_relation=("finetune" if from_adapter else "quantized") if bases else None,  # base + adapter: a fine-tune of it
         library_name="gguf",
         pipeline_tag="text-generation",
         license=license,
@@ -714,6 +717,7 @@ def build_gguf_model_card(
         upstream=upstream,
         gguf_filename=gguf_filename,
         llama_cpp_section=llama_cpp_section(repo_id, gguf_filename, fidelity),
+        from_adapter=from_adapter,
     )
     assert_no_secrets(str(card))
     return card

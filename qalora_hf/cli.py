@@ -292,7 +292,8 @@ def cmd_gguf(args) -> int:
         from .card import ALPACA_OLLAMA_TEMPLATE
 
         commit = push_gguf_to_hub(out, args.push_to_hub, gptq_dir=path, gptq_repo_id=args.gptq_repo_id, private=args.private,
-                                  prompt_template=ALPACA_OLLAMA_TEMPLATE if args.alpaca_template else None)
+                                  prompt_template=ALPACA_OLLAMA_TEMPLATE if args.alpaca_template else None,
+                                  from_adapter=bool(args.adapter))
     rows = [("gguf", str(out)), ("size", f"{out.stat().st_size / 2**20:.1f} MiB")] + [(k, str(v)) for k, v in summary.items()]
     if commit:
         rows.append(("pushed", f"{args.push_to_hub}@{commit[:12]}"))
@@ -418,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "converter from the llama-cpp-python sdist, fetched once into the cache)")
     g.add_argument("--push-to-hub", metavar="REPO_ID", help="push the .gguf, a model card and an ollama Modelfile to this "
                    "repo (Hub convention: the GPTQ repo's name + '-GGUF')")
-    g.add_argument("--gptq-repo-id", help="Hub id of the GPTQ repo this GGUF was made from (card metadata and links)")
+    g.add_argument("--gptq-repo-id", help="Hub id of the GPTQ repo this GGUF was made from, with --adapter the base's "
+                   "(card metadata and links)")
     g.add_argument("--private", action="store_true", help="create the Hub repo as private")
     g.add_argument("--alpaca-template", action="store_true", help="the pushed ollama Modelfile uses the Alpaca prompt "
                    "(for models fine-tuned on it); default: ollama uses the chat template stored in the GGUF")

@@ -966,6 +966,7 @@ def gguf_summary(gguf_path: str | os.PathLike, gptq_dir: Optional[str | os.PathL
 
 
 GGUF_COMMIT_MESSAGE = "Upload lossless GGUF Q4_1 export (QA-LoRA merged GPTQ integers)"
+GGUF_ADAPTER_COMMIT_MESSAGE = "Upload lossless GGUF Q4_1 export (GPTQ base + QA-LoRA adapter, no merge)"
 
 
 def push_gguf_to_hub(
@@ -977,8 +978,9 @@ def push_gguf_to_hub(
     fidelity: Optional[dict] = None,
     prompt_template: Optional[str] = None,
     private: bool = False,
-    commit_message: str = GGUF_COMMIT_MESSAGE,
+    commit_message: Optional[str] = None,
     token: Optional[str] = None,
+    from_adapter: bool = False,
 ) -> str:
     """Push a GGUF file to its own Hub repo (convention: ``<gptq repo>-GGUF``) with a model card
     (:func:`qalora_hf.card.build_gguf_model_card`: llama.cpp / ollama commands) and an ollama ``Modelfile``.
@@ -990,6 +992,8 @@ def push_gguf_to_hub(
         fidelity: measured figures for the card (see :func:`qalora_hf.card.llama_cpp_section`).
         prompt_template: an ollama ``TEMPLATE`` for the Modelfile (e.g. the Alpaca prompt the model was
             trained on); None: ollama uses the chat template stored in the GGUF.
+        from_adapter: the file was written from a GPTQ base + unmerged adapter (``export_gguf(..., adapter=...)``);
+            ``gptq_dir``/``gptq_repo_id`` are then the base's, and the card says so.
 
     Returns:
         The commit id. Retries transient failures like :func:`qalora_hf.push_gptq_to_hub`; tokens never
@@ -1019,7 +1023,8 @@ def push_gguf_to_hub(
         base = data.get("base_model")
     card = build_gguf_model_card(repo_id=repo_id, gguf_filename=path.name, gptq_repo_id=gptq_repo_id, license=license_id,
                                  upstream_base_models=base if isinstance(base, list) else [base] if base else [],
-                                 fidelity=fidelity)
+                                 fidelity=fidelity, from_adapter=from_adapter)
+    commit_message = commit_message or (GGUF_ADAPTER_COMMIT_MESSAGE if from_adapter else GGUF_COMMIT_MESSAGE)
     endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
     secrets = [token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
     api = HfApi(endpoint=endpoint, token=token)

@@ -184,7 +184,7 @@ def _effective_weight(module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits,sym", [(4, False), (3, True)], ids=["b4-asym", "b3-sym"])
-def test_base_plus_adapter_decodes_to_the_trained_models_weights(bits, sym, gptq_checkpoint, tiny_tok, tmp_path):
+def test_base_plus_adapter_decodes_to_the_trained_models_weights(bits, sym, gptq_checkpoint, tiny_tok, tmp_path, hub):
     from qalora_hf import QALoraConfig, get_qalora_model
     from qalora_hf.cli import main
     from qalora_hf.gptq import load_gptq_model
@@ -198,8 +198,15 @@ def test_base_plus_adapter_decodes_to_the_trained_models_weights(bits, sym, gptq
         m.lora_B["default"].weight.data.mul_(0.2)
     peft_model.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "tiny-qalora-Q4_1.gguf"
-    assert main(["gguf", str(base), "--adapter", str(tmp_path / "adapter"), "-o", str(out),
-                 "--tokenizer-pre", TOKENIZER_PRE, "--model-name", MODEL_NAME]) == 0
+    repo = f"local-user/tiny-b{bits}-qalora-GGUF"
+    assert main(["gguf", str(base), "--adapter", str(tmp_path / "adapter"), "-o", str(out), "--tokenizer-pre", TOKENIZER_PRE,
+                 "--model-name", MODEL_NAME, "--push-to-hub", repo, "--gptq-repo-id", "local-user/tiny-base"]) == 0
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    card = ModelCard.load(hf_hub_download(repo, "README.md", cache_dir=tmp_path / "dl"))
+    assert card.data.base_model == ["local-user/tiny-base"] and card.data.base_model_relation == "finetune"
+    assert "without a merge" in card.text and "m = -s*z + D" in card.text and "--adapter" in card.text
+    assert Path(hf_hub_download(repo, out.name, cache_dir=tmp_path / "dl")).read_bytes() == out.read_bytes()
 
     cfg = peft_model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
