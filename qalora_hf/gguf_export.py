@@ -234,9 +234,15 @@ def check_gptq_dir(path: str | os.PathLike) -> dict:
 
     path = Path(path)
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        try:
+            recorded = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except ValueError:
+            recorded = None
+        base = recorded if isinstance(recorded, str) and recorded else "<GPTQ base>"
         raise GGUFExportError(
-            f"{path} is an adapter directory (adapter_config.json, no config.json): merge it into its GPTQ base first with "
-            "merge_qalora / 'qalora-hf merge --base ... --adapter ...', then export the merged directory."
+            f"{path} is an adapter directory (adapter_config.json, no config.json): write it with its GPTQ base, without "
+            f"a merge: export_gguf('{base}', ..., adapter='{path}') / 'qalora-hf gguf {base} --adapter {path} -o x.gguf'; "
+            "or merge it into its GPTQ base first (merge_qalora / 'qalora-hf merge'), then export the merged directory."
         )
     if not (path / "config.json").is_file():
         raise GGUFExportError(f"{path}: no config.json; pass a GPTQ export directory (export_gptq / 'qalora-hf merge').")

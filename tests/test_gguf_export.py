@@ -284,8 +284,8 @@ def test_refusals_of_directories(kind, gptq_checkpoint, tiny_float_dir, tmp_path
     elif kind == "adapter_dir":
         src = tmp_path / "adapter"
         src.mkdir()
-        (src / "adapter_config.json").write_text("{}")
-        match = "merge it into its GPTQ base first"
+        (src / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/somewhere/base", "use_qalora": True}))
+        match = r"qalora-hf gguf /somewhere/base --adapter .*or merge it into its GPTQ base first"
     else:  # adapter=: a plain LoRA adapter, or a model instead of the base directory
         adapter = tmp_path / "adapter"
         adapter.mkdir()
