@@ -817,7 +817,8 @@ def check_gguf(gguf_path: str | os.PathLike, gptq_dir: str | os.PathLike, offset
         ref = _permute_like_converter(arch, prefix, ref.float().numpy(), hparams)
         s = _permute_like_converter(arch, prefix, ints.scales.float()[g].t().numpy(), hparams)
         m = _permute_like_converter(arch, prefix, m[g].t().float().numpy(), hparams)
-        tol = np.abs(m) * 2.0**-11 + np.abs(ref) * 2.0**-22 + 1e-30  # half an fp16 ulp of m, + fp32 rounding
+        # half an fp16 ulp of m (at least half the smallest subnormal, 2**-25: an adapter's m near 0 where z = 0), + fp32 rounding
+        tol = np.maximum(np.abs(m) * 2.0**-11, 2.0**-25) + np.abs(ref) * 2.0**-22
         match = None
         mapped = name_map.get_name(prefix) if name_map is not None else None
         candidates = by_shape.get(ref.shape, [])
