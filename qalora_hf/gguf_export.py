@@ -76,7 +76,7 @@ class GGUFExportError(ValueError):
 # Q4_1 packing (our part: exact integers in, exact blocks out)
 
 
-def pack_q4_1(q, z, scales, g_idx, name: str = "layer", offset=None):
+def pack_q4_1(q, z, scales, g_idx, name: str = "layer", offset=None, bits: int = 4):
     """Pack one GPTQ 2/3/4-bit layer into GGUF ``Q4_1`` rows, without re-quantising.
 
     Args:
@@ -90,11 +90,18 @@ def pack_q4_1(q, z, scales, g_idx, name: str = "layer", offset=None):
             adapter's whole update, ``D = qalora_hf.adapter.group_delta(layer)`` (paper §3.3: the pooled
             adapter's ``dW`` is constant inside a group).  It goes into ``m`` exactly, before the one fp16
             rounding, so the block decodes to ``s * (q - z) + D`` (docs/gguf.md, "Base + adapter").
+            Each group of each output row is then written whichever way rounds ``m`` less: directly (``d = s``,
+            codes ``q``, ``m = -s*z + D``, the value at code 0), or mirrored (``d = -s``, codes ``maxq - q``,
+            ``m = s*(maxq - z) + D``, the value at code ``maxq``).  Both decode to the same weights up to that
+            rounding; without the choice, a symmetric base's ``m = -8s`` lies on the fp16 grid and every
+            ``|D|`` under half its ulp (``s/256``) would round away.
+        bits: the GPTQ code width (``maxq = 2**bits - 1`` for the mirrored form; only with ``offset``).
 
     Returns:
         numpy uint8 ``[N, K // 32 * 20]``: row ``o`` holds the ``K / 32`` ``block_q4_1`` of output row
-        ``o`` (``d`` fp16 = ``s``, ``m`` fp16 = ``-s * z + offset`` rounded once, ``qs[j] = q[j] | q[j + 16] << 4``),
-        the byte layout ``gguf.GGUFWriter.add_tensor(..., raw_dtype=Q4_1)`` takes.
+        ``o`` (``d`` fp16 = ``s``, ``m`` fp16 = ``-s * z`` rounded once, ``qs[j] = q[j] | q[j + 16] << 4``;
+        with ``offset``, per group the direct or the mirrored form above), the byte layout
+        ``gguf.GGUFWriter.add_tensor(..., raw_dtype=Q4_1)`` takes.
 
     Raises:
         GGUFExportError: ``K`` not a multiple of 32, a block of 32 input channels spanning two groups
@@ -125,14 +132,23 @@ def pack_q4_1(q, z, scales, g_idx, name: str = "layer", offset=None):
     if not bool((s.half().float() == s).all()):
         raise GGUFExportError(f"{name}: scales are not fp16 values; GPTQ stores fp16 scales.")
     gb = blocks_g[:, 0]  # group of each block, [K/32]
-    d = s[gb].t().contiguous()  # [N, K/32]
     # s*z is exact in fp32 (11-bit mantissa x 4-bit integer); "0.0 - x" so that z = 0 gives +0.0, not -0.0
     m = 0.0 - s * z.to(torch.float32)
+    d = s
+    mirror = None
     if offset is not None:
         off = torch.as_tensor(offset).to(torch.float64)
         if tuple(off.shape) != tuple(s.shape) or not bool(torch.isfinite(off).all()):
             raise GGUFExportError(f"{name}: offset must be finite with the scales' shape {tuple(s.shape)}, got {tuple(off.shape)}.")
-        m = m.to(torch.float64) + off  # exact sum in float64; rounded once, to fp16, below
+        maxq = (1 << bits) - 1
+        if bits not in Q4_1_BITS or int(q.max()) > maxq or int(z.max()) > maxq:
+            raise GGUFExportError(f"{name}: codes or zero-points above 2**bits - 1 = {maxq}, or bits={bits} not in {Q4_1_BITS}.")
+        m = m.to(torch.float64) + off  # exact sums in float64; rounded once, to fp16, below
+        m_mirror = s.double() * (maxq - z).double() + off
+        mirror = (m_mirror.half().double() - m_mirror).abs() < (m.half().double() - m).abs()  # [G, N]
+        m, d = torch.where(mirror, m_mirror, m), torch.where(mirror, -s, s)
+        q = torch.where(mirror[g], maxq - q, q)
+    d = d[gb].t().contiguous()  # [N, K/32]
     m = m[gb].t().contiguous()
     codes = q.t().reshape(n, k // QK4_1, QK4_1).to(torch.uint8)  # [N, K/32, 32]
     qs = codes[..., :16] | (codes[..., 16:] << 4)
@@ -728,7 +744,8 @@ def export_gguf(
         converter = llama_cpp_converter(converter_dir)
         chosen = _auto_float_type(src, info["layers"]) if float_type == "auto" else float_type
         offsets = _adapter_offsets(src, adapter, info["layers"]) if adapter is not None else {}
-        packed = {prefix: pack_q4_1(t.q, t.z, t.scales, t.g_idx, prefix, offset=offsets.get(prefix))
+        bits = int(info["config"]["quantization_config"]["bits"])
+        packed = {prefix: pack_q4_1(t.q, t.z, t.scales, t.g_idx, prefix, offset=offsets.get(prefix), bits=bits)
                   for prefix, t in read_gptq_layers(src, info["layers"])}
         _write_packed(packed, scratch / "packed.safetensors")
         del packed
@@ -807,13 +824,14 @@ def check_gguf(gguf_path: str | os.PathLike, gptq_dir: str | os.PathLike, offset
         pass
     used, worst_abs, worst_rel, n = set(), 0.0, 0.0, 0
     offsets = offsets or {}
+    maxq = (1 << int(hparams["quantization_config"]["bits"])) - 1
     for prefix, ints in read_gptq_layers(gptq_dir):
         g = ints.g_idx.long()
-        m = -(ints.scales.double() * ints.z.double())
+        m = -(ints.scales.double() * ints.z.double())  # the value at code 0 (a block's m)
         ref = ints.dequantize().double()
-        if prefix in offsets:
+        if prefix in offsets:  # base + adapter: m is the value at code 0 or, mirrored, at code maxq (pack_q4_1)
             d = torch.as_tensor(offsets[prefix]).double()
-            m, ref = m + d, ref + d[g].t()
+            m, ref = torch.maximum((m + d).abs(), (ints.scales.double() * (maxq - ints.z).double() + d).abs()), ref + d[g].t()
         ref = _permute_like_converter(arch, prefix, ref.float().numpy(), hparams)
         s = _permute_like_converter(arch, prefix, ints.scales.float()[g].t().numpy(), hparams)
         m = _permute_like_converter(arch, prefix, m[g].t().float().numpy(), hparams)

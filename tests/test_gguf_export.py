@@ -168,13 +168,40 @@ def test_pack_q4_1_offset_goes_into_m_exactly():
     z[0, :3], d[0, :3] = 0, torch.tensor([1e-6, -3e-7, 2e-5], dtype=torch.float64)  # m = D alone, in fp16's subnormal range
     decoded = _q4_1(pack_q4_1(q, z, s, g_idx, offset=d), n, k)
     w = (s.double()[g_idx] * (q - z[g_idx]).double() + d[g_idx]).t().numpy()
-    m = (-(s.double() * z.double()) + d)[g_idx].t().numpy()
-    # one fp16 rounding of m = -s*z + D (half an ulp, at least half the smallest subnormal), then float32 arithmetic
-    assert np.all(np.abs(decoded - w) <= np.maximum(np.abs(m) * 2.0**-11, 2.0**-25) + np.abs(w) * 2.0**-22)
+    ends = torch.maximum((d - s.double() * z.double()).abs(), (s.double() * (15 - z).double() + d).abs())  # |m|, either form
+    m = ends[g_idx].t().numpy()
+    # one fp16 rounding of m (half an ulp, at least half the smallest subnormal), then float32 arithmetic
+    assert np.all(np.abs(decoded - w) <= np.maximum(m * 2.0**-11, 2.0**-25) + np.abs(w) * 2.0**-22)
     assert np.abs(decoded[:3, :32] - w[:3, :32]).max() > 0
     assert np.abs(decoded - _q4_1(pack_q4_1(q, z, s, g_idx), n, k)).max() > 1e-3  # the offset is there
     with pytest.raises(GGUFExportError, match="offset must be finite"):
         pack_q4_1(q, z, s, g_idx, offset=d[:1])
+    with pytest.raises(GGUFExportError, match="above 2\\*\\*bits - 1 = 7"):
+        pack_q4_1(q, z, s, g_idx, offset=d, bits=3)
+
+
+def test_pack_q4_1_offset_on_a_symmetric_base_is_not_rounded_away():
+    """A symmetric base's m = -8s lies on the fp16 grid: written directly, every |D| under half its ulp (s/512 to
+    s/256) rounds away. Each group is written directly or mirrored (d = -s, codes 15 - q, m = 7s + D), whichever
+    rounds m less, so the shift each group decodes to follows D."""
+    gen = torch.Generator().manual_seed(0)
+    k, n, gs = 256, 512, 64
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    z = torch.full((k // gs, n), 8)
+    s = (torch.rand(k // gs, n, generator=gen) * 0.02 + 1e-3).half().float()
+    g_idx = torch.arange(k) // gs
+    d = torch.randn(s.shape, generator=gen, dtype=torch.float64) * 0.0015 * s.double()  # shifts of ~0.0015 steps
+    rows = pack_q4_1(q, z, s, g_idx, offset=d)
+    decoded = _q4_1(rows, n, k).astype(np.float64)
+    base = (s.double()[g_idx] * (q - z[g_idx]).double()).t().numpy()
+    shift = (decoded - base).reshape(n, k // gs, gs).mean(-1).T  # [G, N], what each group decodes to
+    direct = (d - 8 * s.double()).half().double() + 8 * s.double()  # the direct form's shift
+    dn = d.numpy()
+    slope = lambda r: float((r * dn).sum() / (dn**2).sum())  # noqa: E731
+    assert slope(direct.numpy()) < 0.5 and slope(shift) > 0.75
+    assert np.abs(shift - dn).max() <= np.abs(direct.numpy() - dn).max() + 1e-12  # never worse than the direct form
+    d_fp16 = rows.reshape(n, k // 32, 20)[..., :2].copy().view(np.float16)
+    assert (d_fp16 < 0).any() and (d_fp16 > 0).any()  # both forms are used
 
 
 def _effective_weight(module) -> torch.Tensor:
@@ -231,6 +258,9 @@ def test_base_plus_adapter_decodes_to_the_trained_models_weights(bits, sym, gptq
         assert np.abs(decoded - trained).max() <= step * 2.0**-10 + 1e-5, prefix  # fp16 rounding of m, fp32 matmul
         moved = max(moved, float(np.abs(decoded - base_w).max() / step))
     assert moved > 0.01  # the adapter is in the file, not just the base
+    d_fp16 = [np.asarray(t.data).reshape(-1, 20)[:, :2].copy().view(np.float16) for t in tensors.values()
+              if t.tensor_type == gguf.GGMLQuantizationType.Q4_1]
+    assert any((d < 0).any() for d in d_fp16)  # mirrored groups (d = -s) are in the file, and llama.cpp runs them below
     meta = gguf_metadata(out)
     assert meta["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_1)
 
