@@ -90,11 +90,12 @@ def pack_q4_1(q, z, scales, g_idx, name: str = "layer", offset=None, bits: int =
             adapter's whole update, ``D = qalora_hf.adapter.group_delta(layer)`` (paper §3.3: the pooled
             adapter's ``dW`` is constant inside a group).  It goes into ``m`` exactly, before the one fp16
             rounding, so the block decodes to ``s * (q - z) + D`` (docs/gguf.md, "Base + adapter").
-            Each group of each output row is then written whichever way rounds ``m`` less: directly (``d = s``,
-            codes ``q``, ``m = -s*z + D``, the value at code 0), or mirrored (``d = -s``, codes ``maxq - q``,
-            ``m = s*(maxq - z) + D``, the value at code ``maxq``).  Both decode to the same weights up to that
-            rounding; without the choice, a symmetric base's ``m = -8s`` lies on the fp16 grid and every
-            ``|D|`` under half its ulp (``s/256``) would round away.
+            Each group of each output row is then written in the form that rounds ``m`` least: direct
+            (``d = s``, codes ``q + k``, ``m = -s*(z + k) + D``) or mirrored (``d = -s``, codes ``maxq - q + k``,
+            ``m = s*(maxq - z + k) + D``), with ``k`` from 0 to ``15 - maxq`` (the nibble values 2/3-bit codes
+            leave free; only ``k = 0`` at 4 bits).  All decode to the same weights up to that rounding; without
+            the choice, a symmetric base's ``m = -8s`` lies on the fp16 grid and every ``|D|`` under half its
+            ulp (``s/512`` to ``s/256``) would round away.
         bits: the GPTQ code width (``maxq = 2**bits - 1`` for the mirrored form; only with ``offset``).
 
     Returns:
@@ -143,11 +144,18 @@ def pack_q4_1(q, z, scales, g_idx, name: str = "layer", offset=None, bits: int =
         maxq = (1 << bits) - 1
         if bits not in Q4_1_BITS or int(q.max()) > maxq or int(z.max()) > maxq:
             raise GGUFExportError(f"{name}: codes or zero-points above 2**bits - 1 = {maxq}, or bits={bits} not in {Q4_1_BITS}.")
-        m = m.to(torch.float64) + off  # exact sums in float64; rounded once, to fp16, below
-        m_mirror = s.double() * (maxq - z).double() + off
-        mirror = (m_mirror.half().double() - m_mirror).abs() < (m.half().double() - m).abs()  # [G, N]
-        m, d = torch.where(mirror, m_mirror, m), torch.where(mirror, -s, s)
-        q = torch.where(mirror[g], maxq - q, q)
+        # Forms (sign, k): codes sign*(q - zc) + zc + k with zc = 0 (direct) or maxq / 2 (mirrored), all exact.
+        # Each writes the value at its code 0 as m, exact in float64 here; the one fp16 rounding differs.
+        ks = torch.arange(QK4_1 // 2 - maxq, dtype=torch.float64)  # 0 .. 15 - maxq: unused nibble values
+        sd, zd = s.double(), z.double()
+        m_direct = off[None] - sd[None] * (zd[None] + ks[:, None, None])  # [F, G, N]: codes q + k, d = s
+        m_mirror = off[None] + sd[None] * (maxq - zd[None] + ks[:, None, None])  # codes maxq - q + k, d = -s
+        cand = torch.cat([m_direct, m_mirror])
+        best = (cand.half().double() - cand).abs().argmin(0)  # [G, N]: the form that rounds m least (first on ties)
+        m = cand.gather(0, best[None])[0]
+        mirror, k_best = best >= len(ks), (best % len(ks))
+        d = torch.where(mirror, -s, s)
+        q = torch.where(mirror[g], maxq - q, q) + k_best[g]
     d = d[gb].t().contiguous()  # [N, K/32]
     m = m[gb].t().contiguous()
     codes = q.t().reshape(n, k // QK4_1, QK4_1).to(torch.uint8)  # [N, K/32, 32]
@@ -792,7 +800,7 @@ def check_gguf(gguf_path: str | os.PathLike, gptq_dir: str | os.PathLike, offset
     Each GPTQ layer is matched to its GGUF tensor by its decoded values (a GGUF tensor is the layer's
     weight with its rows possibly reordered by the converter, e.g. Llama's q/k head permutation, which is
     applied to the reference for ``general.architecture == "llama"``). The tolerance per weight is half
-    an fp16 ulp of ``m = -s*z (+ D)`` (the one rounding of the export), plus float32 rounding.
+    an fp16 ulp of the block's ``m`` as written in the file (the one rounding of the export), plus float32 rounding.
 
     Returns:
         ``{"tensors": n, "max_abs_err": float, "max_err_over_step": float}``, the largest error in units
@@ -824,19 +832,13 @@ def check_gguf(gguf_path: str | os.PathLike, gptq_dir: str | os.PathLike, offset
         pass
     used, worst_abs, worst_rel, n = set(), 0.0, 0.0, 0
     offsets = offsets or {}
-    maxq = (1 << int(hparams["quantization_config"]["bits"])) - 1
     for prefix, ints in read_gptq_layers(gptq_dir):
         g = ints.g_idx.long()
-        m = -(ints.scales.double() * ints.z.double())  # the value at code 0 (a block's m)
         ref = ints.dequantize().double()
-        if prefix in offsets:  # base + adapter: m is the value at code 0 or, mirrored, at code maxq (pack_q4_1)
-            d = torch.as_tensor(offsets[prefix]).double()
-            m, ref = torch.maximum((m + d).abs(), (ints.scales.double() * (maxq - ints.z).double() + d).abs()), ref + d[g].t()
+        if prefix in offsets:
+            ref = ref + torch.as_tensor(offsets[prefix]).double()[g].t()
         ref = _permute_like_converter(arch, prefix, ref.float().numpy(), hparams)
         s = _permute_like_converter(arch, prefix, ints.scales.float()[g].t().numpy(), hparams)
-        m = _permute_like_converter(arch, prefix, m[g].t().float().numpy(), hparams)
-        # half an fp16 ulp of m (at least half the smallest subnormal, 2**-25: an adapter's m near 0 where z = 0), + fp32 rounding
-        tol = np.maximum(np.abs(m) * 2.0**-11, 2.0**-25) + np.abs(ref) * 2.0**-22
         match = None
         mapped = name_map.get_name(prefix) if name_map is not None else None
         candidates = by_shape.get(ref.shape, [])
@@ -846,6 +848,11 @@ def check_gguf(gguf_path: str | os.PathLike, gptq_dir: str | os.PathLike, offset
             if name in used:
                 continue
             decoded = dequantize(t.data, GGMLQuantizationType.Q4_1)  # [N, K] float32
+            # the one rounding is m's (the block's value at code 0, whichever form pack_q4_1 chose): half an fp16
+            # ulp of the file's own m, at least half the smallest subnormal (2**-25), + fp32 rounding
+            m = np.repeat(np.asarray(t.data).reshape(*ref.shape[:-1], -1, Q4_1_BLOCK_BYTES)[..., 2:4].copy().view(np.float16)[..., 0],
+                          QK4_1, axis=-1).astype(np.float32)
+            tol = np.maximum(np.abs(m) * 2.0**-11, 2.0**-25) + np.abs(ref) * 2.0**-22
             if np.all(np.abs(decoded - ref) <= tol):
                 match = (name, decoded)
                 break

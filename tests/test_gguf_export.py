@@ -180,25 +180,28 @@ def test_pack_q4_1_offset_goes_into_m_exactly():
         pack_q4_1(q, z, s, g_idx, offset=d, bits=3)
 
 
-def test_pack_q4_1_offset_on_a_symmetric_base_is_not_rounded_away():
-    """A symmetric base's m = -8s lies on the fp16 grid: written directly, every |D| under half its ulp (s/512 to
-    s/256) rounds away. Each group is written directly or mirrored (d = -s, codes 15 - q, m = 7s + D), whichever
-    rounds m less, so the shift each group decodes to follows D."""
+@pytest.mark.parametrize("bits,min_slope", [(4, 0.75), (3, 0.9), (2, 0.9)])
+def test_pack_q4_1_offset_on_a_symmetric_base_is_not_rounded_away(bits, min_slope):
+    """A symmetric base's m = -s*2**(bits-1) lies on the fp16 grid: written directly, every |D| under half its ulp
+    rounds away. Each group is written in the form that rounds m least (direct or mirrored, d = -s; at 2/3 bits also
+    with the codes moved up by k), so the shift each group decodes to follows D."""
     gen = torch.Generator().manual_seed(0)
-    k, n, gs = 256, 512, 64
-    q = torch.randint(0, 16, (k, n), generator=gen)
-    z = torch.full((k // gs, n), 8)
+    k, n, gs, maxq = 256, 512, 64, (1 << bits) - 1
+    q = torch.randint(0, maxq + 1, (k, n), generator=gen)
+    z = torch.full((k // gs, n), (maxq + 1) // 2)
     s = (torch.rand(k // gs, n, generator=gen) * 0.02 + 1e-3).half().float()
     g_idx = torch.arange(k) // gs
-    d = torch.randn(s.shape, generator=gen, dtype=torch.float64) * 0.0015 * s.double()  # shifts of ~0.0015 steps
-    rows = pack_q4_1(q, z, s, g_idx, offset=d)
+    # shifts of ~0.0015 steps at 4 bits, under half the ulp of m = -8s; halved per bit less, as that ulp is
+    d = torch.randn(s.shape, generator=gen, dtype=torch.float64) * 0.0015 * 2.0 ** (bits - 4) * s.double()
+    rows = pack_q4_1(q, z, s, g_idx, offset=d, bits=bits)
     decoded = _q4_1(rows, n, k).astype(np.float64)
     base = (s.double()[g_idx] * (q - z[g_idx]).double()).t().numpy()
     shift = (decoded - base).reshape(n, k // gs, gs).mean(-1).T  # [G, N], what each group decodes to
-    direct = (d - 8 * s.double()).half().double() + 8 * s.double()  # the direct form's shift
+    zs = s.double() * ((maxq + 1) // 2)
+    direct = (d - zs).half().double() + zs  # the direct form's shift
     dn = d.numpy()
     slope = lambda r: float((r * dn).sum() / (dn**2).sum())  # noqa: E731
-    assert slope(direct.numpy()) < 0.5 and slope(shift) > 0.75
+    assert slope(direct.numpy()) < 0.5 and slope(shift) > min_slope
     assert np.abs(shift - dn).max() <= np.abs(direct.numpy() - dn).max() + 1e-12  # never worse than the direct form
     d_fp16 = rows.reshape(n, k // 32, 20)[..., :2].copy().view(np.float16)
     assert (d_fp16 < 0).any() and (d_fp16 > 0).any()  # both forms are used
