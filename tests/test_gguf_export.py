@@ -207,6 +207,26 @@ def test_pack_q4_1_offset_on_a_symmetric_base_is_not_rounded_away(bits, min_slop
     assert (d_fp16 < 0).any() and (d_fp16 > 0).any()  # both forms are used
 
 
+def test_export_warns_when_the_adapter_is_below_m_resolution():
+    """The ratio rms(m rounding) / rms(D) that export_gguf reports, and its warning for shifts fp16's m cannot resolve."""
+    import warnings
+
+    from qalora_hf.gguf_export import M_ROUNDING_WARN, _report_m_rounding
+
+    q, z, s, g_idx = _synthetic(group_size=64)
+    ratios = {}
+    for size in (1e-2, 1e-5):  # shifts of ~0.01 and ~0.00001 quantisation steps
+        stats: dict = {}
+        d = torch.randn(s.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * size * s.double()
+        pack_q4_1(q, z, s, g_idx, offset=d, stats=stats)
+        assert stats["groups"] == s.numel() and stats["shift_sq"] == pytest.approx(float(((d / s.double()) ** 2).sum()))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ratios[size] = _report_m_rounding(stats)
+        assert bool(caught) == (ratios[size] > M_ROUNDING_WARN)
+    assert ratios[1e-2] < 0.1 < M_ROUNDING_WARN < 1 < ratios[1e-5]
+
+
 def _effective_weight(module) -> torch.Tensor:
     """W [N, K] of a layer as its own forward computes it (gptqmodel's kernel + PEFT's QA-LoRA path), bias removed."""
     k = module.get_base_layer().in_features
