@@ -753,6 +753,11 @@ def export_gguf(
             moving whole rows, an unrecognised BPE pre-tokenizer (pass ``tokenizer_pre``), or an ``adapter``
             that is missing, not QA-LoRA, trained on another base, or given with an in-memory ``source``.
         FileExistsError: ``output_path`` exists and ``overwrite`` is False.
+
+    Warns:
+        UserWarning: with ``adapter``, when the one fp16 rounding of ``m`` changes the adapter's per-group shifts by
+            more than ``M_ROUNDING_WARN`` (30 %, rms): shifts that small are below what ``m`` resolves, and the merged
+            export may keep more of the fine-tuning (docs/gguf.md).
     """
     if float_type not in FLOAT_TYPES:
         raise GGUFExportError(f"float_type={float_type!r}; choose one of {FLOAT_TYPES}.")
