@@ -90,11 +90,12 @@ def pack_q4_1(q, z, scales, g_idx, name: str = "layer", offset=None, bits: int =
             adapter's whole update, ``D = qalora_hf.adapter.group_delta(layer)`` (paper §3.3: the pooled
             adapter's ``dW`` is constant inside a group).  It goes into ``m`` exactly, before the one fp16
             rounding, so the block decodes to ``s * (q - z) + D`` (docs/gguf.md, "Base + adapter").
-            Each group of each output row is then written in the form that rounds ``m`` less: direct
-            (``d = s``, codes ``q``, ``m = -s*z + D``, the value at code 0) or mirrored (``d = -s``, codes
-            ``maxq - q``, ``m = s*(maxq - z) + D``, the value at code ``maxq``).  Both decode to the same weights
-            up to that rounding; without the choice, a symmetric base's ``m = -8s`` lies on the fp16 grid and
-            every ``|D|`` under half its ulp (``s/512`` to ``s/256``) would round away.
+            Each group of each output row is then written in the form that rounds ``m`` least: direct
+            (``d = s``, codes ``q + k``, ``m = -s*(z + k) + D``) or mirrored (``d = -s``, codes ``maxq - q + k``,
+            ``m = s*(maxq - z + k) + D``), with ``k`` from 0 to ``15 - maxq`` (the nibble values 2/3-bit codes
+            leave free; only ``k = 0`` at 4 bits).  All decode to the same weights up to that rounding; without
+            the choice, a symmetric base's ``m = -8s`` lies on the fp16 grid and every ``|D|`` under half its
+            ulp (``s/512`` to ``s/256``) would round away.
         bits: the GPTQ code width (``maxq = 2**bits - 1`` for the mirrored form; only with ``offset``).
         stats: optional dict; with ``offset``, ``"shift_sq"`` += sum of ``(D / s)**2``, ``"err_sq"`` += sum of
             ``((fp16(m) - m) / s)**2`` over the groups (steps squared) and ``"groups"`` += their number: how much
@@ -146,21 +147,23 @@ def pack_q4_1(q, z, scales, g_idx, name: str = "layer", offset=None, bits: int =
         maxq = (1 << bits) - 1
         if bits not in Q4_1_BITS or int(q.max()) > maxq or int(z.max()) > maxq:
             raise GGUFExportError(f"{name}: codes or zero-points above 2**bits - 1 = {maxq}, or bits={bits} not in {Q4_1_BITS}.")
-        # Two exact forms; each writes the value at its code 0 as m (exact in float64 here), so the one fp16 rounding
-        # differs. Moving 2/3-bit codes up into the free nibble values would give more forms, but a larger |m|:
-        # llama.cpp adds m times the fp16-rounded sum of each Q8_1 activation block, and measured 0.2 points worse.
+        # Forms (sign, k): codes sign*(q - zc) + zc + k with zc = 0 (direct) or maxq / 2 (mirrored), all exact.
+        # Each writes the value at its code 0 as m, exact in float64 here; the one fp16 rounding differs.
+        ks = torch.arange(QK4_1 // 2 - maxq, dtype=torch.float64)  # 0 .. 15 - maxq: unused nibble values
         sd, zd = s.double(), z.double()
-        m_direct = off - sd * zd  # codes q, d = s
-        m_mirror = off + sd * (maxq - zd)  # codes maxq - q, d = -s
-        mirror = (m_mirror.half().double() - m_mirror).abs() < (m_direct.half().double() - m_direct).abs()  # [G, N]
-        m = torch.where(mirror, m_mirror, m_direct)
+        m_direct = off[None] - sd[None] * (zd[None] + ks[:, None, None])  # [F, G, N]: codes q + k, d = s
+        m_mirror = off[None] + sd[None] * (maxq - zd[None] + ks[:, None, None])  # codes maxq - q + k, d = -s
+        cand = torch.cat([m_direct, m_mirror])
+        best = (cand.half().double() - cand).abs().argmin(0)  # [G, N]: the form that rounds m least (first on ties)
+        m = cand.gather(0, best[None])[0]
         if stats is not None:
             sd_safe = sd.clamp_min(1e-30)
             stats["shift_sq"] = stats.get("shift_sq", 0.0) + float(((off / sd_safe) ** 2).sum())
             stats["err_sq"] = stats.get("err_sq", 0.0) + float((((m.half().double() - m) / sd_safe) ** 2).sum())
             stats["groups"] = stats.get("groups", 0) + off.numel()
+        mirror, k_best = best >= len(ks), (best % len(ks))
         d = torch.where(mirror, -s, s)
-        q = torch.where(mirror[g], maxq - q, q)
+        q = torch.where(mirror[g], maxq - q, q) + k_best[g]
     d = d[gb].t().contiguous()  # [N, K/32]
     m = m[gb].t().contiguous()
     codes = q.t().reshape(n, k // QK4_1, QK4_1).to(torch.uint8)  # [N, K/32, 32]
