@@ -1,4 +1,4 @@
-"""Lossless GGUF ``Q4_1`` export of a (merged) GPTQ 4-bit model, for llama.cpp / ollama / LM Studio.
+"""Lossless GGUF ``Q4_1`` export of a (merged) GPTQ 2/3/4-bit model, for llama.cpp / ollama / LM Studio.
 
 A GPTQ asymmetric 4-bit group is a GGUF ``Q4_1`` block (``ggml-common.h``, ``block_q4_1``; see
 docs/gguf.md).  Per 32 consecutive weights of one output row a ``Q4_1`` block stores fp16 ``d``, fp16 ``m``
@@ -21,7 +21,10 @@ row operation of the converter, such as Llama's q/k head permutation, moves whol
 says ``MOSTLY_Q4_1``.  The converter is not on PyPI on its own; :func:`llama_cpp_converter` takes it from
 the pinned ``llama-cpp-python`` sdist on PyPI (sha256-checked, cached), or from a llama.cpp checkout.
 
-Public API: :func:`export_gguf`, :func:`pack_q4_1`, :func:`read_gptq_layers`, :func:`check_gguf`,
+A GPTQ base + its unmerged QA-LoRA adapter is written the same way, the adapter's per-group update ``D`` added
+to ``m`` (``export_gguf(base_dir, path, adapter=...)``; docs/gguf.md, "Base + adapter").
+
+Public API: :func:`export_gguf`, :func:`pack_q4_1`, :func:`qalora_offsets`, :func:`read_gptq_layers`, :func:`check_gguf`,
 :func:`reference_gguf`, :func:`compare_with_reference`, :func:`llama_cpp_completion_loss`,
 :func:`gguf_heldout_fidelity`, :func:`push_gguf_to_hub`.
 """
@@ -139,7 +142,6 @@ def pack_q4_1(q, z, scales, g_idx, name: str = "layer", offset=None, bits: int =
     # s*z is exact in fp32 (11-bit mantissa x 4-bit integer); "0.0 - x" so that z = 0 gives +0.0, not -0.0
     m = 0.0 - s * z.to(torch.float32)
     d = s
-    mirror = None
     if offset is not None:
         off = torch.as_tensor(offset).to(torch.float64)
         if tuple(off.shape) != tuple(s.shape) or not bool(torch.isfinite(off).all()):
@@ -147,7 +149,7 @@ def pack_q4_1(q, z, scales, g_idx, name: str = "layer", offset=None, bits: int =
         maxq = (1 << bits) - 1
         if bits not in Q4_1_BITS or int(q.max()) > maxq or int(z.max()) > maxq:
             raise GGUFExportError(f"{name}: codes or zero-points above 2**bits - 1 = {maxq}, or bits={bits} not in {Q4_1_BITS}.")
-        # Forms (sign, k): codes sign*(q - zc) + zc + k with zc = 0 (direct) or maxq / 2 (mirrored), all exact.
+        # Forms: codes q + k (d = s) or maxq - q + k (d = -s), k = 0 .. 15 - maxq; all decode to s*(q - z) + D.
         # Each writes the value at its code 0 as m, exact in float64 here; the one fp16 rounding differs.
         ks = torch.arange(QK4_1 // 2 - maxq, dtype=torch.float64)  # 0 .. 15 - maxq: unused nibble values
         sd, zd = s.double(), z.double()
