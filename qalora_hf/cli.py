@@ -262,6 +262,11 @@ def cmd_gguf(args) -> int:
         raise UsageError(f"--output {args.output} exists; pass --overwrite or choose another file")
     if args.push_to_hub:
         _check_repo_id(args.push_to_hub, "--push-to-hub")
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise UsageError("--push-to-hub with HF_HUB_OFFLINE set: unset it to push, or drop --push-to-hub and push the "
+                             "file later (push_gguf_to_hub)")
     if args.gptq_repo_id:
         _check_repo_id(args.gptq_repo_id, "--gptq-repo-id")
     if args.adapter:
@@ -276,14 +281,29 @@ def cmd_gguf(args) -> int:
     t0 = time.time()
     what = "the GPTQ integers + the adapter's per-group offsets in m" if args.adapter else "the GPTQ integers"
     _log(f"writing {output} (Q4_1 from {what}; everything else by llama.cpp's converter)")
+    import warnings
+
+    from .gguf_export import M_ROUNDING_WARN
+
     try:
-        out = export_gguf(path, output, adapter=args.adapter, float_type=args.float_type, tokenizer_pre=args.tokenizer_pre,
-                          model_name=args.model_name, overwrite=args.overwrite, converter_dir=args.llama_cpp_dir)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            out = export_gguf(path, output, adapter=args.adapter, float_type=args.float_type, tokenizer_pre=args.tokenizer_pre,
+                              model_name=args.model_name, overwrite=args.overwrite, converter_dir=args.llama_cpp_dir)
     except GGUFExportError as err:
         raise UsageError(str(err)) from None
+    ours = [str(w.message) for w in caught if "resolution of m" in str(w.message)]
+    for w in caught:
+        if str(w.message) not in ours:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for msg in ours:
+        _log(f"WARNING: {msg}")
     summary = gguf_summary(out, None if args.adapter else path)
     if args.adapter:
         summary["checked"] = "every Q4_1 tensor decoded by gguf-py = s*(q-z) + adapter offset, to the fp16 rounding of m"
+        summary["adapter shifts"] = (f"WARNING: the rounding of m changes them by more than {100 * M_ROUNDING_WARN:.0f} % (rms); "
+                                     "see the warning above" if ours else
+                                     f"the rounding of m changes them by under {100 * M_ROUNDING_WARN:.0f} % (rms)")
     commit = None
     if args.push_to_hub:
         from .gguf_export import push_gguf_to_hub

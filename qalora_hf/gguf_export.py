@@ -667,14 +667,29 @@ def qalora_offsets(model, adapter_name: str = "default") -> dict:
     return out
 
 
+def _check_adapter_fits(adapter: Path, base_dir: Path, config: dict) -> None:
+    """Before loading anything: the bits and group size the adapter recorded (``qalora_base``) are the base's."""
+    raw = json.loads((adapter / "adapter_config.json").read_text())
+    recorded = raw.get("qalora_base") if isinstance(raw.get("qalora_base"), dict) else {}
+    qc = config["quantization_config"]
+    want = {"bits": recorded.get("bits"), "group_size": recorded.get("group_size", raw.get("qalora_group_size"))}
+    have = {"bits": int(qc.get("bits", 0)), "group_size": int(qc.get("group_size", -1))}
+    wrong = [f"{k}={want[k]} (the base has {have[k]})" for k in want if want[k] is not None and int(want[k]) != have[k]]
+    if wrong:
+        trained_on = raw.get("base_model_name_or_path")
+        raise GGUFExportError(f"adapter={adapter} was trained on another GPTQ base ({', '.join(wrong)}"
+                              + (f"; it records {trained_on}" if trained_on else "") + f"), not on {base_dir}: pass the base it was trained on.")
+
+
 def _adapter_offsets(base_dir: Path, adapter: Path, layers: dict) -> dict:
     from .gptq import load_gptq_model
     from .model import load_qalora_adapter
 
     try:
         peft_model = load_qalora_adapter(load_gptq_model(str(base_dir)), str(adapter))
-    except ValueError as err:  # another base, a stock adapter on act-order, an adapter that does not fit
-        raise GGUFExportError(f"adapter={adapter}: {err}") from None
+    except ValueError as err:  # another base of the same shape, a stock adapter on act-order, an adapter that does not fit
+        raise GGUFExportError(f"adapter={adapter} does not fit the base {base_dir}; pass the GPTQ base it was trained on "
+                              f"(nothing was written). Details: {err}") from None
     offsets = qalora_offsets(peft_model)
     del peft_model
     unknown = sorted(set(offsets) - set(layers))
@@ -700,9 +715,9 @@ def _report_m_rounding(stats: dict) -> float:
     if ratio > M_ROUNDING_WARN:
         warnings.warn(
             f"the adapter's shifts are small next to fp16's resolution of m: its one rounding changes them by "
-            f"{100 * ratio:.0f} % (rms), so this file may keep less of the fine-tuning than the merged export. Compare "
-            "both on held-out rows (bench/gguf_fidelity.py), or write the merged export's GGUF instead ('qalora-hf merge', "
-            "then 'qalora-hf gguf <merged dir>').", UserWarning, stacklevel=3)
+            f"{100 * ratio:.0f} % (rms), so this file may keep less of the fine-tuning than the merged export (a very short "
+            "or low-rate fine-tune). Compare both on held-out rows, or write the merged export's GGUF instead "
+            "('qalora-hf merge', then 'qalora-hf gguf <merged dir>').", UserWarning, stacklevel=3)
     return ratio
 
 
@@ -778,6 +793,8 @@ def export_gguf(
             if not src.is_dir():
                 raise GGUFExportError(f"{source}: no such directory; pass a GPTQ export directory or a merged model.")
             info = check_gptq_dir(src)
+            if adapter is not None:
+                _check_adapter_fits(adapter, src, info["config"])
         else:
             _check_model(source)
             if tokenizer is None:

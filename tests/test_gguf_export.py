@@ -308,9 +308,30 @@ def test_adapter_from_another_base_is_refused_before_writing(gptq_checkpoint, tm
     peft_model = get_qalora_model(load_gptq_model(str(gptq_checkpoint(4, False, False))), QALoraConfig(r=4))
     peft_model.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "x.gguf"
-    with pytest.raises(GGUFExportError, match="adapter="):
-        export_gguf(gptq_checkpoint(4, False, True), out, adapter=tmp_path / "adapter")
+    with pytest.raises(GGUFExportError, match="does not fit the base .*pass the GPTQ base it was trained on"):
+        export_gguf(gptq_checkpoint(4, False, True), out, adapter=tmp_path / "adapter")  # same shape: caught at load
+    with pytest.raises(GGUFExportError, match=r"trained on another GPTQ base \(bits=4 \(the base has 3\)"):
+        export_gguf(gptq_checkpoint(3, False, False), out, adapter=tmp_path / "adapter")  # from the configs, before loading
     _no_output(out)
+
+
+def test_cli_says_when_the_adapter_is_below_m_resolution(gptq_checkpoint, tmp_path, capsys):
+    from qalora_hf import QALoraConfig, get_qalora_model
+    from qalora_hf.cli import main
+    from qalora_hf.gptq import load_gptq_model
+    from qalora_hf.merge import qalora_layers
+
+    base = gptq_checkpoint(4, False, False)
+    torch.manual_seed(0)
+    peft_model = get_qalora_model(load_gptq_model(str(base)), QALoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    for m in qalora_layers(peft_model).values():  # shifts of ~1e-6 steps: under fp16's resolution of m
+        m.lora_B["default"].weight.data.mul_(1e-6)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "tiny.gguf"
+    assert main(["gguf", str(base), "--adapter", str(tmp_path / "adapter"), "-o", str(out), "--tokenizer-pre", TOKENIZER_PRE]) == 0
+    captured = capsys.readouterr()
+    assert "[qalora-hf] WARNING: the adapter's shifts are small next to fp16's resolution of m" in captured.err
+    assert "adapter shifts" in captured.out and "WARNING" in captured.out and out.is_file()
 
 
 # --------------------------------------------------------------------------------------------------
