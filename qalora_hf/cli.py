@@ -75,7 +75,12 @@ def _check_adapter(adapter: str) -> dict:
     if not path.is_dir():
         raise UsageError(f"--adapter {adapter}: no such directory")
     if not (path / "adapter_config.json").is_file():
-        raise UsageError(f"--adapter {adapter}: no adapter_config.json; pass the directory written by save_pretrained of the adapter")
+        from .checkpoints import last_complete_checkpoint
+
+        inside = last_complete_checkpoint(path)
+        hint = f" (a training run: its newest complete checkpoint is {inside})" if inside is not None else ""
+        raise UsageError(f"--adapter {adapter}: no adapter_config.json{hint}; pass the directory written by save_pretrained "
+                         "of the adapter, or a checkpoint-* directory")
     config = _read_json(path / "adapter_config.json", "the adapter config")
     if not config.get("use_qalora", False):
         raise UsageError(f"--adapter {adapter} is a plain LoRA adapter (use_qalora is not true); only QA-LoRA adapters "
@@ -256,7 +261,7 @@ def cmd_gguf(args) -> int:
     if not path.is_dir():
         raise UsageError(f"{args.source}: no such directory; pass a GPTQ export directory ('qalora-hf merge' / export_gptq output)")
     output = Path(args.output).expanduser()
-    if output.suffix != ".gguf":
+    if output.suffix.lower() != ".gguf":
         raise UsageError(f"--output {args.output}: the file name must end in .gguf")
     if output.exists() and not args.overwrite:
         raise UsageError(f"--output {args.output} exists; pass --overwrite or choose another file")

@@ -590,7 +590,7 @@ def _auto_float_type(path: Path, gptq_prefixes: Iterable[str]) -> str:
 
 def _check_output(output_path: str | os.PathLike, overwrite: bool) -> Path:
     target = Path(output_path).expanduser().absolute()
-    if target.suffix != ".gguf":
+    if target.suffix.lower() != ".gguf":
         raise GGUFExportError(f"{output_path}: the output file name must end in .gguf.")
     if target.is_dir():
         raise GGUFExportError(f"{output_path} is a directory; pass a file path ending in .gguf.")
@@ -1099,7 +1099,7 @@ def push_gguf_to_hub(
     from .hub import _REPO_ID, _with_retries, redact_tokens
 
     path = Path(gguf_path)
-    if not path.is_file() or path.suffix != ".gguf":
+    if not path.is_file() or path.suffix.lower() != ".gguf":
         raise ValueError(f"{gguf_path}: not a .gguf file")
     if not _REPO_ID.fullmatch(repo_id or "") or ".." in repo_id or "--" in repo_id:
         raise ValueError(f"repo_id {repo_id!r} is invalid: use 'namespace/name'")

@@ -419,6 +419,19 @@ def test_cli_refuses_before_loading_anything(gptq_checkpoint, tmp_path, capsys):
     assert main(["gguf", str(tmp_path / "missing"), "-o", str(tmp_path / "x.gguf")]) == 2
     assert main(["gguf", str(gptq_checkpoint(4, False, False)), "-o", str(tmp_path / "x.bin")]) == 2
     _no_output(tmp_path / "x.gguf")
+    from qalora_hf.gguf_export import _check_output
+
+    assert _check_output(tmp_path / "x.GGUF", overwrite=False).name == "x.GGUF"  # the extension's case does not matter
+    # a training run's directory as --adapter: the message names the checkpoint inside it
+    run = tmp_path / "run"
+    (run / "checkpoint-20").mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json"):
+        (run / "checkpoint-20" / name).write_text("{}")
+    capsys.readouterr()
+    assert main(["gguf", str(gptq_checkpoint(4, False, False)), "--adapter", str(run), "-o", str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "no adapter_config.json" in err and "or a checkpoint-* directory" in err
+    _no_output(tmp_path / "x.gguf")
 
 
 # --------------------------------------------------------------------------------------------------
