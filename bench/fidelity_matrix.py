@@ -174,8 +174,10 @@ def run_cell(cell: Cell, strategies: str, requant: bool, python: str, train_only
 
 
 def gguf_holds(cell: Cell) -> bool:
-    """Whether GGUF Q4_1 holds the cell's base exactly (qalora_hf.gguf_export: bits <= 4, act-order off, whole 32-blocks)."""
-    return cell.bits <= 4 and not cell.desc_act and cell.group_size % 32 == 0
+    """Whether GGUF Q4_1 holds the cell's base exactly (the exporter's rule: its bits, act-order off, whole blocks)."""
+    from qalora_hf.gguf_export import Q4_1_BITS, QK4_1
+
+    return cell.bits in Q4_1_BITS and not cell.desc_act and cell.group_size % QK4_1 == 0
 
 
 def measured(cell: Cell, root: Path = ROOT) -> Optional[dict]:

@@ -227,6 +227,21 @@ def test_export_warns_when_the_adapter_is_below_m_resolution():
     assert ratios[1e-2] < 0.1 < M_ROUNDING_WARN < 1 < ratios[1e-5]
 
 
+def _llama_cpp_and_transformers_logits(gguf_path, model, tok):
+    """Logits of one tiny text from llama.cpp running ``gguf_path`` and from ``model`` in transformers."""
+    from qalora_hf.gguf_export import _llama
+    from qalora_hf.testing.tiny import TINY_TEXTS
+
+    ids = tok(TINY_TEXTS[3])["input_ids"]
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    llm = _llama(gguf_path, n_ctx=64, n_threads=1, logits_all=True)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)])
+    llm.close()
+    return got, ref
+
+
 def _effective_weight(module) -> torch.Tensor:
     """W [N, K] of a layer as its own forward computes it (gptqmodel's kernel + PEFT's QA-LoRA path), bias removed."""
     k = module.get_base_layer().in_features
@@ -288,16 +303,7 @@ def test_base_plus_adapter_decodes_to_the_trained_models_weights(bits, sym, gptq
     assert meta["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_1)
 
     if llama_cpp_available():  # llama.cpp itself runs the file like transformers runs the unmerged adapter
-        from qalora_hf.gguf_export import _llama
-        from qalora_hf.testing.tiny import TINY_TEXTS
-
-        ids = tiny_tok(TINY_TEXTS[3])["input_ids"]
-        with torch.no_grad():
-            ref = peft_model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-        llm = _llama(out, n_ctx=64, n_threads=1, logits_all=True)
-        llm.eval(ids)
-        got = np.asarray(llm.scores[: len(ids)])
-        llm.close()
+        got, ref = _llama_cpp_and_transformers_logits(out, peft_model, tiny_tok)
         assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max() + 1e-3
 
 
@@ -441,19 +447,13 @@ def test_cli_refuses_before_loading_anything(gptq_checkpoint, tmp_path, capsys):
 @pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed (make install-llama)")
 def test_llama_cpp_runs_the_export_like_transformers_runs_the_gptq_model(exported, load_tiny_gptq, tiny_tok):
     from qalora_hf.data import token_batches
-    from qalora_hf.gguf_export import _llama, llama_cpp_completion_loss
+    from qalora_hf.gguf_export import llama_cpp_completion_loss
     from qalora_hf.metrics import measure
     from qalora_hf.testing.tiny import TINY_TEXTS
 
     _, out = exported
     model = load_tiny_gptq(4)
-    ids = tiny_tok(TINY_TEXTS[3])["input_ids"]
-    with torch.no_grad():
-        ref = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-    llm = _llama(out, n_ctx=64, n_threads=1, logits_all=True)
-    llm.eval(ids)
-    got = np.asarray(llm.scores[: len(ids)])
-    llm.close()
+    got, ref = _llama_cpp_and_transformers_logits(out, model, tiny_tok)
     # close, not bit-identical: llama.cpp rounds the activations to Q8_1 in its Q4_1 dot product
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max() + 1e-3
     rows = [{"prompt": t.split("Response:")[0] + "Response:", "completion": t.split("Response:")[1]} for t in TINY_TEXTS[:8]]
