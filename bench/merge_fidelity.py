@@ -118,8 +118,8 @@ def main(argv=None) -> int:
     # statistics are collected once per distinct count, in chunks of rows, and summed (H of 256 rows = H of the first
     # 128 + H of the next 128), so every count sees the same first rows
     counts = sorted({int((n.split("@") + [""] * 4)[4] or args.calibration) for n in names} | {args.calibration})
-    stats = {}  # rows -> (hessians, targets at the loss positions, targets at every position)
-    hessians, targets, targets_all, done = {}, [], [], 0
+    stats = {}  # rows -> (hessians, input sums, targets at the loss positions, targets at every position)
+    hessians, sums, targets, targets_all, done = {}, {}, [], [], 0
 
     def record(batch, logits):
         targets.append(teacher_topk(batch, logits))  # the trained model's top-k next-token log-probabilities
@@ -127,9 +127,11 @@ def main(argv=None) -> int:
 
     for count in counts:
         chunk = token_batches(rows[done:count], tok, args.max_length)
-        more = collect_hessians(peft_model, [f"{n}.base_layer" for n in layers], chunk, on_output=record)
+        more_sums = {}
+        more = collect_hessians(peft_model, [f"{n}.base_layer" for n in layers], chunk, on_output=record, input_sums=more_sums)
         hessians = {k: hessians[k] + v if k in hessians else v for k, v in more.items()}
-        stats[count] = (dict(hessians), list(targets), list(targets_all))
+        sums = {k: sums[k] + v if k in sums else v for k, v in more_sums.items()}
+        stats[count] = (dict(hessians), dict(sums), list(targets), list(targets_all))
         done = count
         print(f"H and teacher targets collected on {count} rows in {time.time() - t:.0f}s", flush=True)
 
@@ -137,16 +139,17 @@ def main(argv=None) -> int:
     for name in names:
         # "distill@64": the distill strategy with 64 steps; "distill@32@2e-3": 32 steps at distill_lr 2e-3;
         # "distill@32@auto@all": distilled at every non-padding position instead of the loss positions only;
-        # "distill@32@auto@loss@256": on 256 calibration rows; "distill@32@auto@loss@256@norms": with norm tweaking
+        # "distill@32@auto@loss@256": on 256 calibration rows; "distill@32@auto@loss@256@norms": with norm tweaking;
+        # "...@bias": with bias correction after the integer merge
         strategy, steps, lr, positions, count, extra = (name.split("@") + [""] * 5)[:6]
         # "rule": the earlier default, one run at 2 x the median shift (merge_qalora's first guess) on every batch
         lr = args.distill_lr if not lr else (lr if lr == "auto" else _rule_lr(peft_model) if lr == "rule" else float(lr))
-        hessians, targets, targets_all = stats[int(count or args.calibration)]
+        hessians, sums, targets, targets_all = stats[int(count or args.calibration)]
         model = copy.deepcopy(peft_model)
         t = time.time()
         merged, report = merge_qalora(model, strategy=strategy, hessians=hessians, teacher_targets=targets_all if positions == "all" else targets,
                                       progress=False, distill_steps=int(steps or args.distill_steps), distill_lr=lr,
-                                      distill_norms=extra == "norms")
+                                      distill_norms=extra == "norms", bias_correction=extra == "bias", input_sums=sums)
         seconds = time.time() - t
         with tempfile.TemporaryDirectory() as tmp:  # evaluate what lands on disk, reloaded
             export_gptq(merged, Path(tmp) / "m", tokenizer=tok)

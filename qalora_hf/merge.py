@@ -130,7 +130,8 @@ def _median(xs):
 
 
 def collect_hessians(
-    model: torch.nn.Module, layer_names: list[str], batches: Iterable[dict], on_output: Optional[Callable[[dict, torch.Tensor], None]] = None
+    model: torch.nn.Module, layer_names: list[str], batches: Iterable[dict], on_output: Optional[Callable[[dict, torch.Tensor], None]] = None,
+    input_sums: Optional[dict[str, torch.Tensor]] = None,
 ) -> dict[str, torch.Tensor]:
     """``H = sum_x x x^T`` (float64 [K, K]) of the inputs of each named layer over ``batches``.
 
@@ -143,6 +144,9 @@ def collect_hessians(
             attend only to themselves); padded positions (``attention_mask == 0``) are excluded.
         on_output: called as ``on_output(batch, logits)`` after each batch (used to record the teacher
             targets of the ``"distill"`` strategy in the same pass).
+        input_sums: if given, filled in the same pass with ``{name: float64 [K + 1]}``: the sum of each layer's
+            inputs over the counted positions, then their count (the input mean for ``merge_qalora``'s
+            ``bias_correction``).
     """
     modules = dict(model.named_modules())
     hessians: dict[str, torch.Tensor] = {}
@@ -158,9 +162,12 @@ def collect_hessians(
                 mask = mask_holder["mask"]
                 if mask is not None and mask.numel() == x2.shape[0]:
                     x2 = x2[mask.reshape(-1).bool()]
-                shared[key] = (x, (x2.t() @ x2).to(torch.float64))  # fp32 product per batch, fp64 sum
+                sums = torch.cat([x2.sum(0).to(torch.float64), torch.tensor([float(x2.shape[0])], dtype=torch.float64)])
+                shared[key] = (x, (x2.t() @ x2).to(torch.float64), sums)  # fp32 product per batch, fp64 sum
             h = shared[key][1]
             hessians[name] = hessians[name] + h if name in hessians else h.clone()
+            if input_sums is not None:
+                input_sums[name] = input_sums[name] + shared[key][2] if name in input_sums else shared[key][2].clone()
 
         return fn
 
@@ -366,6 +373,8 @@ def merge_qalora(
     distill_lr: Union[float, str] = "auto",
     distill_topk: int = 32,
     distill_norms: bool = False,
+    bias_correction: bool = False,
+    input_sums: Optional[dict[str, torch.Tensor]] = None,
 ):
     """Fold every QA-LoRA adapter into the integers of its GPTQ layer and drop the PEFT wrapper.
 
@@ -399,6 +408,14 @@ def merge_qalora(
             (norm tweaking, :func:`qalora_hf.scale_distillation.norm_layers`); they are stored unquantised, so the
             checkpoint stays a standard GPTQ one.  Off by default: on the demo's SmolLM2-135M adapter it kept 98.76 % of
             the gain against 98.70 % for the scales alone (docs/fidelity_matrix.md, "Norm tweaking").
+        bias_correction: after the integer merge (before any distillation), give each merged layer the output bias
+            ``b = (W_trained - W_merged) @ mean(x)`` [N] (fp16), ``mean(x)`` the layer's mean input on the calibration
+            rows: the merge's error on the mean input is removed (empirical bias correction, Nagel et al. 2019,
+            "Data-Free Quantization Through Weight Equalization and Bias Correction", §4.2).  The checkpoint then has
+            biases: the config's ``attention_bias`` / ``mlp_bias`` are set and the other projections of the same
+            block get zero biases.  Only for configs with those two fields (Llama-style).  Off by default.
+        input_sums: precomputed ``collect_hessians(..., input_sums=...)`` output, with ``hessians`` and
+            ``bias_correction``.
 
     Returns:
         ``(merged_model, report)``: the plain transformers GPTQ model (no PEFT wrapper, no adapter
@@ -409,24 +426,78 @@ def merge_qalora(
         ValueError: unknown strategy, a calibrated strategy without calibration, ``distill_steps < 1``, a
             ``distill_lr`` that is neither ``"auto"`` nor a positive number, or GPTQ layers on a kernel whose integers
             cannot be read (:func:`qalora_hf.gptq.check_mergeable_kernels`: load with ``GPTQConfig(backend="torch")``)
-            — all before any work.
+            — all before any work.  ``bias_correction`` on a config without ``attention_bias`` / ``mlp_bias``, or
+            with precomputed ``hessians`` but no ``input_sums``: ValueError, before any work.
     """
     calibration = list(calibration) if calibration is not None else None
     spec, layers = _check_merge_inputs(model, strategy, calibration, hessians, teacher_targets, adapter_name, distill_steps, distill_lr)
-    hessians, targets = _statistics(model, layers, spec, calibration, hessians, teacher_targets, distill_topk)
+    if bias_correction:
+        _check_bias_correction(model, calibration, hessians, input_sums)
+    sums = dict(input_sums or {})
+    hessians, targets = _statistics(model, layers, spec, calibration, hessians, teacher_targets, distill_topk,
+                                    sums if bias_correction and not input_sums else None)
 
     report = MergeReport(strategy=spec.name)
     originals: dict[str, GPTQTensors] = {}  # the integers before, for the report after a distillation
     for name, module in tqdm(layers.items(), desc=f"Merging QA-LoRA ({spec.name})", disable=not progress):
         before, layer_report = _merge_into_layer(name, module, spec, hessians.get(f"{name}.base_layer"), adapter_name)
         report.layers.append(layer_report)
+        if bias_correction:
+            _correct_bias(module, before, group_delta(module, adapter_name), sums[f"{name}.base_layer"])
         if spec.distill:
             originals[name] = before
 
     if spec.distill:
         norms = norm_layers(model) if distill_norms else []
         _distill(model, layers, targets, report, originals, hessians, adapter_name, distill_steps, distill_lr, progress, norms)
+    if bias_correction:
+        _complete_biases(model)
     return _unload(model, report)
+
+
+_BIAS_GROUPS = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp_bias": ("gate_proj", "up_proj", "down_proj")}
+
+
+def _check_bias_correction(model, calibration, hessians, input_sums) -> None:
+    cfg = model.get_base_model().config
+    missing = [f for f in _BIAS_GROUPS if not hasattr(cfg, f)]
+    if missing:
+        raise ValueError(f"bias_correction=True needs a Llama-style config with {' and '.join(missing)} (this is "
+                         f"{type(cfg).__name__}); merge without it.")
+    if hessians and not calibration and not input_sums:
+        raise ValueError("bias_correction=True with precomputed hessians needs input_sums (collect_hessians(..., input_sums={})).")
+
+
+def _correct_bias(module, before: GPTQTensors, delta: torch.Tensor, sums: torch.Tensor) -> None:
+    """Set ``module``'s GPTQ layer bias to ``(W_trained - W_merged) @ mean(x)`` (plus any bias it had)."""
+    base = module.get_base_layer()
+    mean = (sums[:-1] / sums[-1].clamp(min=1)).to(torch.float64)
+    t0 = GPTQTensors(q=before.q.to(torch.int64), z=before.z.to(torch.int64), scales=before.scales, g_idx=before.g_idx, bits=before.bits)
+    trained = t0.dequantize().to(torch.float64) + delta[t0.g_idx].t().to(torch.float64)
+    err = trained - read_layer(base).dequantize().to(torch.float64)  # [N, K]
+    _set_bias(base, err @ mean)
+
+
+def _set_bias(layer, b: torch.Tensor) -> None:
+    old = getattr(layer, "bias", None)
+    dev = layer.qweight.device
+    new = (b.to(torch.float32) + (old.to(torch.float32).cpu() if old is not None else 0)).to(torch.float16).to(dev)
+    if "bias" not in layer._buffers and hasattr(layer, "bias"):
+        delattr(layer, "bias")
+    layer.register_buffer("bias", new)
+
+
+def _complete_biases(model) -> None:
+    """Zero biases on the other projections of every block that got one, and the config field that loads them."""
+    base = model.get_base_model()
+    layers = {n: m for n, m in base.named_modules() if hasattr(m, "qweight")}
+    for flag, suffixes in _BIAS_GROUPS.items():
+        group = {n: m for n, m in layers.items() if n.removesuffix(".base_layer").rsplit(".", 1)[-1] in suffixes}
+        if any(getattr(m, "bias", None) is not None for m in group.values()):
+            for m in group.values():
+                if getattr(m, "bias", None) is None:
+                    _set_bias(m, torch.zeros(m.qweight.shape[1]))
+            setattr(base.config, flag, True)
 
 
 def _check_merge_inputs(model, strategy, calibration, hessians, teacher_targets, adapter_name, distill_steps, distill_lr):
@@ -451,16 +522,16 @@ def _check_merge_inputs(model, strategy, calibration, hessians, teacher_targets,
     return spec, layers
 
 
-def _statistics(model, layers, spec, calibration, hessians, teacher_targets, topk) -> tuple[dict, list]:
+def _statistics(model, layers, spec, calibration, hessians, teacher_targets, topk, input_sums=None) -> tuple[dict, list]:
     """Phase 1: ``H`` per layer and (``distill``) the teacher's top-k targets, in one pass over ``calibration``
     unless precomputed."""
     hessians = dict(hessians or {})
     targets = list(teacher_targets or [])
     want_teacher = spec.distill and not targets
-    if calibration and (not hessians or want_teacher):
+    if calibration and (not hessians or want_teacher or input_sums is not None):
         logger.info("merge: collecting input statistics of %d layers on %d calibration batches", len(layers), len(calibration))
         on_output = (lambda b, logits: targets.append(teacher_topk(b, logits, topk))) if want_teacher else None
-        collected = collect_hessians(model, [f"{n}.base_layer" for n in layers], calibration, on_output=on_output)
+        collected = collect_hessians(model, [f"{n}.base_layer" for n in layers], calibration, on_output=on_output, input_sums=input_sums)
         hessians = hessians or collected
     return hessians, targets
 

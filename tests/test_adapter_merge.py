@@ -862,3 +862,65 @@ def test_distill_norms_tunes_the_norm_weights(load_tiny_gptq, calibration_batche
     # noise of the teacher (KL ~1e-8), where the extra freedom helps at some rates and not at others
     assert kl_norms == kl_norms and d_norms["kl_last"] is not None and not d_norms["diverged"]
     assert d_div["diverged"] and d_div["norms_tuned"] == 0 and all(torch.equal(b2[n], a2[n]) for n in b2)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_bias_correction_matches_the_trained_layers_mean_output_and_reloads(bias, load_tiny_gptq, calibration_batches, tiny_tok,
+                                                                            sample_input_ids, tmp_path):
+    """bias_correction=True: layer 0's q_proj (whose input the merge does not change) has the trained layer's mean output
+    on the calibration rows, to fp16 rounding of the bias (plus any bias the base had); the other projections of each
+    block get zero biases and the config the flags that load them: the export reloads in a fresh process with the
+    in-memory logits."""
+    model = fp32_scales(load_tiny_gptq(4, False, False, bias))  # the layer's own forward exact (see fp32_scales)
+    pm = get_qalora_model(model, QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "down_proj"]))
+    randomize_adapters(pm, seed=7, shift_std=0.3)
+    name = "base_model.model.model.layers.0.self_attn.q_proj"
+    layer = pm.get_submodule(name)
+    x = capture_inputs(pm, [name], calibration_batches)[name]
+    with torch.no_grad():
+        trained_mean = layer(x.float()).double().mean(0)
+    old_bias = layer.get_base_layer().bias.clone() if bias else None
+    merged, _ = merge_qalora(pm, strategy="round", calibration=calibration_batches, progress=False, bias_correction=True)
+    q_proj = merged.get_submodule("model.layers.0.self_attn.q_proj")
+    with torch.no_grad():
+        merged_mean = q_proj(x.float()).double().mean(0)
+    ulp = q_proj.bias.abs().double() * 2**-10  # the bias is stored in fp16
+    assert ((merged_mean - trained_mean).abs() <= ulp + 1e-6).all()
+    # the round merge of fractional shifts changes the mean output: the correction is not zero
+    assert (q_proj.bias.double() - (old_bias.double() if bias else 0)).abs().max() > 10 * ulp.max()
+    assert merged.config.attention_bias and merged.config.mlp_bias
+    k_proj = merged.get_submodule("model.layers.0.self_attn.k_proj")
+    assert k_proj.bias is not None and (bias or not k_proj.bias.any())
+
+    for layer in gptq_layers(merged).values():  # back to the stored fp16 scales (fp32_scales), as reloaded
+        layer.scales.data = layer.scales.data.half()
+        for hook in ("clear_weight_cache", "_stream_reset_cache"):
+            if callable(getattr(layer, hook, None)):
+                getattr(layer, hook)()
+    expected = logits(merged, sample_input_ids)
+    out_dir = export_gptq(merged, tmp_path / "export", tokenizer=tiny_tok)
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["attention_bias"] is True and config["mlp_bias"] is True
+    ids_file = tmp_path / "ids.json"
+    ids_file.write_text(json.dumps(sample_input_ids.tolist()))
+    script = tmp_path / "reload.py"
+    script.write_text(_RELOAD_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["GPTQMODEL_CPU_WORKERS"] = "1"
+    proc = subprocess.run([sys.executable, str(script), str(out_dir), str(ids_file), str(tmp_path / "out.pt")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (torch.load(tmp_path / "out.pt")["logits"] - expected).abs().max().item() <= 1e-5
+
+
+def test_bias_correction_refused_before_any_work(load_tiny_gptq, calibration_batches, monkeypatch):
+    pm = get_qalora_model(load_tiny_gptq(4, False, False), QALoraConfig(r=R, lora_alpha=ALPHA))
+    hessians = {"x": torch.zeros(1, 1)}
+    with pytest.raises(ValueError, match="input_sums"):
+        merge_qalora(pm, strategy="round", hessians=hessians, progress=False, bias_correction=True)
+    config = pm.get_base_model().config  # an architecture without the field (its Linear layers take no bias flag)
+    monkeypatch.delattr(type(config), "mlp_bias", raising=False)
+    monkeypatch.delattr(config, "mlp_bias", raising=False)
+    assert not hasattr(config, "mlp_bias")
+    with pytest.raises(ValueError, match="mlp_bias"):
+        merge_qalora(pm, strategy="round", calibration=calibration_batches, progress=False, bias_correction=True)
