@@ -418,7 +418,7 @@ def merge_qalora(
         input_sums: precomputed ``collect_hessians(..., input_sums=...)`` output, with ``hessians`` and
             ``bias_correction``.
         distill_codes_lr: re-choose the integer codes during the distillation too, at this peak rate (quantisation
-            steps per unit of normalised gradient; :func:`qalora_hf.scale_distillation.distill_scales`' ``codes_lr``).  Experimental: only with a
+            steps; :func:`qalora_hf.scale_distillation.distill_scales`' ``codes_lr``).  Experimental: only with a
             numeric ``distill_lr``.  Default None (codes frozen after the ``gptq`` pass).
 
     Returns:

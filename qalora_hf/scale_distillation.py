@@ -255,12 +255,10 @@ def distill_scales(
             "Norm Tweaking: High-performance Low-bit Quantization of Large Language Models", §3).  These weights are
             stored unquantised (float), so the checkpoint stays a standard GPTQ checkpoint.  Default: none.
         codes_lr: if given, the integer codes are re-chosen too: each weight's code is ``q0 + round(a)`` with ``a``
-            [K, N] (quantisation steps, from 0) trained with a straight-through gradient (learned rounding end to end,
-            as EfficientQAT's Block-AP trains the weights through the quantiser: Chen et al. 2024, §3.2).  Each step
-            moves ``a`` by ``codes_lr`` x (its gradient / the layer's gradient RMS on the first step), with the scales'
-            cosine decay (plain SGD, not Adam: Adam moves every weight whose gradient keeps its sign by the same
-            amount, and at 0.05 flipped 0.3 M codes of SmolLM2-135M and lost 4.5 points; docs/fidelity_matrix.md).
-            Codes stay in ``[0, 2**bits - 1]``, zero-points are untouched.  Experimental; default None (frozen).
+            [K, N] (quantisation steps, from 0) trained at this peak Adam rate with a straight-through gradient
+            (learned rounding end to end, as EfficientQAT's Block-AP trains the weights through the quantiser: Chen et
+            al. 2024, §3.2); codes stay in ``[0, 2**bits - 1]``, zero-points are untouched.  Experimental; default
+            None (codes frozen).
 
     Returns:
         ``{"steps", "kl_first", "kl_last", "scales_changed", "norms_tuned", "diverged"}``: the mean top-k KL (nats per
@@ -298,8 +296,9 @@ def distill_scales(
             parametrize.register_parametrization(norm, "weight", _RelativeWeight(norm.weight, maxq))
             parametrized.append(norm)
         groups = [{"params": [m.u for m in tuned.values()] + [m.parametrizations.weight[0].u for m in parametrized], "lr": lr}]
+        if codes_lr is not None:
+            groups.append({"params": [m.a for m in tuned.values()], "lr": codes_lr})
         opt = torch.optim.Adam(groups)
-        codes_rms: dict[str, float] = {}  # each layer's gradient RMS on the first step: the unit of its code updates
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))  # cosine to 0
         model.eval()  # no dropout: the merged forward exactly
         in_dev = model.get_input_embeddings().weight.device
@@ -320,19 +319,8 @@ def distill_scales(
                     diverged = True
                     break
                 opt.zero_grad(set_to_none=True)
-                if codes_lr is not None:
-                    for m in tuned.values():
-                        m.a.grad = None
                 kl.backward()
             opt.step()
-            if codes_lr is not None:  # normalised SGD on the code offsets, same cosine decay
-                rate = codes_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-                with torch.no_grad():
-                    for n, m in tuned.items():
-                        if m.a.grad is None:
-                            continue
-                        rms = codes_rms.setdefault(n, float(m.a.grad.pow(2).mean().sqrt()) or 1.0)
-                        m.a.sub_(m.a.grad, alpha=rate / rms)
             sched.step()
             kl_last = float(kl.detach())
             kl_first = kl_last if kl_first is None else kl_first
