@@ -140,8 +140,7 @@ def main(argv=None) -> int:
         # "distill@64": the distill strategy with 64 steps; "distill@32@2e-3": 32 steps at distill_lr 2e-3;
         # "distill@32@auto@all": distilled at every non-padding position instead of the loss positions only;
         # "distill@32@auto@loss@256": on 256 calibration rows; "distill@32@auto@loss@256@norms": with norm tweaking;
-        # "...@bias": with bias correction after the integer merge; "...@codes0.03": codes re-chosen in the distillation
-        # at that peak rate (quantisation steps)
+        # "...@bias": with bias correction after the integer merge
         strategy, steps, lr, positions, count, extra = (name.split("@") + [""] * 5)[:6]
         # "rule": the earlier default, one run at 2 x the median shift (merge_qalora's first guess) on every batch
         lr = args.distill_lr if not lr else (lr if lr == "auto" else _rule_lr(peft_model) if lr == "rule" else float(lr))
@@ -150,8 +149,7 @@ def main(argv=None) -> int:
         t = time.time()
         merged, report = merge_qalora(model, strategy=strategy, hessians=hessians, teacher_targets=targets_all if positions == "all" else targets,
                                       progress=False, distill_steps=int(steps or args.distill_steps), distill_lr=lr,
-                                      distill_norms=extra == "norms", bias_correction=extra == "bias", input_sums=sums,
-                                      distill_codes_lr=float(extra[5:]) if extra.startswith("codes") else None)
+                                      distill_norms=extra == "norms", bias_correction=extra == "bias", input_sums=sums)
         seconds = time.time() - t
         with tempfile.TemporaryDirectory() as tmp:  # evaluate what lands on disk, reloaded
             export_gptq(merged, Path(tmp) / "m", tokenizer=tok)

@@ -375,7 +375,6 @@ def merge_qalora(
     distill_norms: bool = False,
     bias_correction: bool = False,
     input_sums: Optional[dict[str, torch.Tensor]] = None,
-    distill_codes_lr: Optional[float] = None,
 ):
     """Fold every QA-LoRA adapter into the integers of its GPTQ layer and drop the PEFT wrapper.
 
@@ -417,9 +416,6 @@ def merge_qalora(
             block get zero biases.  Only for configs with those two fields (Llama-style).  Off by default.
         input_sums: precomputed ``collect_hessians(..., input_sums=...)`` output, with ``hessians`` and
             ``bias_correction``.
-        distill_codes_lr: re-choose the integer codes during the distillation too, at this peak rate (quantisation
-            steps; :func:`qalora_hf.scale_distillation.distill_scales`' ``codes_lr``).  Experimental: only with a
-            numeric ``distill_lr``.  Default None (codes frozen after the ``gptq`` pass).
 
     Returns:
         ``(merged_model, report)``: the plain transformers GPTQ model (no PEFT wrapper, no adapter
@@ -437,8 +433,6 @@ def merge_qalora(
     spec, layers = _check_merge_inputs(model, strategy, calibration, hessians, teacher_targets, adapter_name, distill_steps, distill_lr)
     if bias_correction:
         _check_bias_correction(model, calibration, hessians, input_sums)
-    if distill_codes_lr is not None and (distill_lr == "auto" or not distill_codes_lr > 0):
-        raise ValueError(f"distill_codes_lr={distill_codes_lr!r} needs a positive number and a numeric distill_lr (not 'auto').")
     sums = dict(input_sums or {})
     hessians, targets = _statistics(model, layers, spec, calibration, hessians, teacher_targets, distill_topk,
                                     sums if bias_correction and not input_sums else None)
@@ -455,8 +449,7 @@ def merge_qalora(
 
     if spec.distill:
         norms = norm_layers(model) if distill_norms else []
-        _distill(model, layers, targets, report, originals, hessians, adapter_name, distill_steps, distill_lr, progress, norms,
-                 distill_codes_lr)
+        _distill(model, layers, targets, report, originals, hessians, adapter_name, distill_steps, distill_lr, progress, norms)
     if bias_correction:
         _complete_biases(model)
     return _unload(model, report)
@@ -554,7 +547,7 @@ def _merge_into_layer(name, module, spec, hessian, adapter_name) -> tuple[GPTQTe
     return before, layer_report
 
 
-def _distill(model, layers, targets, report, originals, hessians, adapter_name, steps, lr, progress, norms=(), codes_lr=None) -> None:
+def _distill(model, layers, targets, report, originals, hessians, adapter_name, steps, lr, progress, norms=()) -> None:
     """Phase 5: scale-only distillation of the merged layers, then the per-layer report of what was written."""
     # The forward must be the merged model: switch off only the QA-LoRA layers (model.disable_adapter()
     # would also swap modules_to_save back to their untrained originals).
@@ -570,8 +563,7 @@ def _distill(model, layers, targets, report, originals, hessians, adapter_name, 
             guess = distill_lr_guess(report.totals["shift_abs_median"])
             report.distill = distill_scales_lr_search(model, names, targets, lr=guess, steps=steps, progress=progress, norms=norms)
         else:
-            report.distill = distill_scales(model, names, targets, steps=steps, lr=float(lr), progress=progress, norms=norms,
-                                            codes_lr=codes_lr)
+            report.distill = distill_scales(model, names, targets, steps=steps, lr=float(lr), progress=progress, norms=norms)
             report.distill["lr"] = float(lr)
     finally:
         for module in layers.values():

@@ -111,11 +111,9 @@ def topk_kl(teacher: torch.Tensor, student: torch.Tensor, teacher_rest: Optional
 
 
 class _ScaleOnlyMatmul(torch.autograd.Function):
-    """``y = x @ W`` with ``W[i, o] = v[i, o] * s[g_idx[i], o]``; gradients for ``x``, ``s`` and (when ``v`` is a float
-    tensor that requires it) ``v``.
+    """``y = x @ W`` with ``W[i, o] = v[i, o] * s[g_idx[i], o]``; gradients for ``x`` and ``s`` only.
 
-    Saves ``v`` (the integer ``q - z``, int8, int16 for 8 bits, in the scale-only case) instead of the float weight, and
-    rebuilds ``W`` in backward.
+    Saves the integer ``v = q - z`` (int8, int16 for 8 bits) instead of the float weight, and rebuilds ``W`` in backward.
     """
 
     @staticmethod
@@ -127,16 +125,13 @@ class _ScaleOnlyMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, v, s, g_idx = ctx.saved_tensors
-        gx = gs = gv = None
+        gx = gs = None
         if ctx.needs_input_grad[0]:
             gx = (gy @ (v.to(s.dtype) * s[g_idx]).t()).to(x.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:
             gw = x.reshape(-1, x.shape[-1]).to(gy.dtype).t() @ gy.reshape(-1, gy.shape[-1])  # [K, N]
-            if ctx.needs_input_grad[2]:
-                gs = torch.zeros_like(s).index_add_(0, g_idx, gw * v.to(gw.dtype))
-            if ctx.needs_input_grad[1]:
-                gv = gw * s[g_idx]
-        return gx, gv, gs, None
+            gs = torch.zeros_like(s).index_add_(0, g_idx, gw * v.to(gw.dtype))
+        return gx, None, gs, None
 
 
 class ScaleTunedLinear(nn.Module):
@@ -147,7 +142,7 @@ class ScaleTunedLinear(nn.Module):
     gradient.  ``s0`` are the layer's stored scales.  Computes in float32.
     """
 
-    def __init__(self, layer: nn.Module, codes: bool = False):
+    def __init__(self, layer: nn.Module):
         super().__init__()
         t = read_layer(layer)
         self.layer = layer
@@ -159,25 +154,13 @@ class ScaleTunedLinear(nn.Module):
         self.register_buffer("s0", t.scales.to(dev), persistent=False)
         self.u = nn.Parameter(torch.zeros_like(self.s0))
         self.bias = getattr(layer, "bias", None)
-        self.a = None  # with codes: latent code offsets [K, N] (quantisation steps), rounded in the forward (STE)
-        if codes:
-            self.register_buffer("q0", t.q.to(torch.uint8 if t.bits <= 8 else torch.int16).to(dev), persistent=False)
-            self.a = nn.Parameter(torch.zeros(t.q.shape, dtype=torch.float32, device=dev))
-
-    def code_offsets(self) -> torch.Tensor:
-        """``round(a)`` [K, N] int64, clamped so that ``q0 + round(a)`` stays in ``[0, maxq]``."""
-        q0 = self.q0.to(torch.int64)
-        return torch.round(self.a.detach()).to(torch.int64).clamp(-q0, self.maxq - q0)
 
     def scales(self) -> torch.Tensor:
         s = self.s0 * (1 + self.u / self.maxq)
         return s + (s.to(torch.float16).to(s.dtype) - s).detach()  # what is stored (fp16), STE gradient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.v
-        if self.a is not None:  # v + round(a) in the forward, the gradient straight through to a
-            v = v.to(torch.float32) + self.a + (self.code_offsets().to(torch.float32) - self.a).detach()
-        y = _ScaleOnlyMatmul.apply(x, v, self.scales(), self.g_idx)
+        y = _ScaleOnlyMatmul.apply(x, self.v, self.scales(), self.g_idx)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype)
@@ -186,8 +169,7 @@ class ScaleTunedLinear(nn.Module):
         """Store the tuned scales (fp16) in the wrapped GPTQ layer; returns them as float32 [G, N]."""
         with torch.no_grad():
             s = (self.s0 * (1 + self.u / self.maxq)).to(torch.float16).to(torch.float32)
-        q = (self.q0.to(torch.int64) + self.code_offsets()).cpu() if self.a is not None else None
-        write_layer(self.layer, q=q, scales=s.cpu())
+        write_layer(self.layer, scales=s.cpu())
         return s.cpu()
 
 
@@ -235,7 +217,6 @@ def distill_scales(
     progress: bool = True,
     on_step: Optional[Callable[[int, float], None]] = None,
     norms: Sequence[str] = (),
-    codes_lr: Optional[float] = None,
 ) -> dict:
     """Tune the fp16 scales of ``layer_names`` (GPTQ layers of ``model``) to match the teacher targets.
 
@@ -254,11 +235,6 @@ def distill_scales(
             jointly with the scales, as ``weight0 * (1 + u / maxq)`` at the same rate (norm tweaking: Li et al. 2023,
             "Norm Tweaking: High-performance Low-bit Quantization of Large Language Models", §3).  These weights are
             stored unquantised (float), so the checkpoint stays a standard GPTQ checkpoint.  Default: none.
-        codes_lr: if given, the integer codes are re-chosen too: each weight's code is ``q0 + round(a)`` with ``a``
-            [K, N] (quantisation steps, from 0) trained at this peak Adam rate with a straight-through gradient
-            (learned rounding end to end, as EfficientQAT's Block-AP trains the weights through the quantiser: Chen et
-            al. 2024, §3.2); codes stay in ``[0, 2**bits - 1]``, zero-points are untouched.  Experimental; default
-            None (codes frozen).
 
     Returns:
         ``{"steps", "kl_first", "kl_last", "scales_changed", "norms_tuned", "diverged"}``: the mean top-k KL (nats per
@@ -280,12 +256,12 @@ def distill_scales(
     rng = random.Random(seed)
     order: list[int] = []
     kl_first = kl_last = None
-    changed = codes_changed = 0
+    changed = 0
     diverged = False
     try:
         from tqdm.auto import tqdm
 
-        tuned = {n: ScaleTunedLinear(model.get_submodule(n), codes=codes_lr is not None) for n in layer_names}
+        tuned = {n: ScaleTunedLinear(model.get_submodule(n)) for n in layer_names}
         for p in flags:
             p.requires_grad_(False)
         for n, m in tuned.items():
@@ -295,10 +271,7 @@ def distill_scales(
             norm = model.get_submodule(n)
             parametrize.register_parametrization(norm, "weight", _RelativeWeight(norm.weight, maxq))
             parametrized.append(norm)
-        groups = [{"params": [m.u for m in tuned.values()] + [m.parametrizations.weight[0].u for m in parametrized], "lr": lr}]
-        if codes_lr is not None:
-            groups.append({"params": [m.a for m in tuned.values()], "lr": codes_lr})
-        opt = torch.optim.Adam(groups)
+        opt = torch.optim.Adam([m.u for m in tuned.values()] + [m.parametrizations.weight[0].u for m in parametrized], lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))  # cosine to 0
         model.eval()  # no dropout: the merged forward exactly
         in_dev = model.get_input_embeddings().weight.device
@@ -330,8 +303,6 @@ def distill_scales(
         if not diverged:
             for m in tuned.values():
                 before = m.layer.scales.detach().clone()
-                if m.a is not None:
-                    codes_changed += int((m.code_offsets() != 0).sum())
                 m.write_back()
                 changed += int((m.layer.scales != before).sum())
             completed = True
@@ -346,11 +317,8 @@ def distill_scales(
     norms_tuned = len(parametrized) if completed else 0
     logger.info("scale distillation: %d steps, top-k KL %s -> %s, %d scales changed, %d norm layers tuned", steps, kl_first,
                 kl_last, changed, norms_tuned)
-    out = {"steps": steps, "kl_first": kl_first, "kl_last": kl_last, "scales_changed": changed,
-           "norms_tuned": norms_tuned, "diverged": diverged}
-    if codes_lr is not None:
-        out["codes_changed"] = codes_changed
-    return out
+    return {"steps": steps, "kl_first": kl_first, "kl_last": kl_last, "scales_changed": changed,
+            "norms_tuned": norms_tuned, "diverged": diverged}
 
 
 def heldout_scores(model: nn.Module, targets: list[TeacherTargets]) -> dict:

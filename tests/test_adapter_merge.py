@@ -924,31 +924,3 @@ def test_bias_correction_refused_before_any_work(load_tiny_gptq, calibration_bat
     assert not hasattr(config, "mlp_bias")
     with pytest.raises(ValueError, match="mlp_bias"):
         merge_qalora(pm, strategy="round", calibration=calibration_batches, progress=False, bias_correction=True)
-
-
-def test_distill_codes_lr_rechooses_codes_in_range(load_tiny_gptq, calibration_batches):
-    """distill_codes_lr: codes move (in [0, maxq]) from the scales merge's, the count reported is the count written,
-    zero-points stay the integer merge's; refused with distill_lr='auto'."""
-    model = fp32_scales(load_tiny_gptq(4, False, False))
-    with torch.no_grad():
-        model.model.norm.weight.mul_(30.0)
-    pm = get_qalora_model(model, QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "down_proj"]))
-    randomize_adapters(pm, seed=7, shift_std=0.3)
-    with pytest.raises(ValueError, match="distill_codes_lr"):
-        merge_qalora(copy.deepcopy(pm), strategy="distill", calibration=calibration_batches, progress=False, distill_codes_lr=0.1)
-    zeros_before = {n: read_layer(m.get_base_layer()).z for n, m in qalora_layers(pm).items()}
-    gptq_pm = copy.deepcopy(pm)
-    merged_gptq, _ = merge_qalora(gptq_pm, strategy="scales", calibration=calibration_batches, progress=False)
-    merged, report = merge_qalora(pm, strategy="distill", calibration=calibration_batches, progress=False, distill_steps=24,
-                                  distill_lr=3e-2, distill_codes_lr=0.2)
-    assert report.distill["codes_changed"] > 0
-    changed = 0
-    for n, layer in gptq_layers(merged).items():
-        t = read_layer(layer)
-        assert int(t.q.min()) >= 0 and int(t.q.max()) <= t.maxq
-        key = "base_model.model." + n
-        if key in zeros_before:
-            # zero-points are the integer merge's (the scales merge's), only codes and scales move in the distillation
-            assert torch.equal(t.z, read_layer(gptq_layers(merged_gptq)[n]).z)
-            changed += int((t.q != read_layer(gptq_layers(merged_gptq)[n]).q).sum())
-    assert changed == report.distill["codes_changed"]
