@@ -183,7 +183,8 @@ def gguf_holds(cell: Cell) -> bool:
 def measured(cell: Cell, root: Path = ROOT) -> Optional[dict]:
     """A measured cell's ``loss_base``, ``loss_trained``, ``gain`` (nats), ``date`` (of its ``fidelity.json``'s last
     measurement; None if it has none) and, per merge strategy and for ``"QLoRA-style"``, ``loss`` and ``gain_kept``;
-    None when the cell has no ``fidelity.json`` yet."""
+    None when the cell has no ``fidelity.json`` yet.  A strategy's ``gain_kept_se`` is the paired-bootstrap standard
+    error over the held-out rows (``qalora_hf.metrics.gain_kept_se``; None in results written before it existed)."""
     from qalora_hf.metrics import gain_kept
 
     f = root / cell.name / "fidelity.json"
@@ -196,7 +197,8 @@ def measured(cell: Cell, root: Path = ROOT) -> Optional[dict]:
     for key, r in res.items():
         name = "QLoRA-style" if key == REQUANT else key.removeprefix("export: ") if key.startswith("export: ") else None
         if name:
-            out[name] = {"loss": r["heldout_loss"], "gain_kept": gain_kept(lb, lt, r["heldout_loss"])}
+            out[name] = {"loss": r["heldout_loss"], "gain_kept": gain_kept(lb, lt, r["heldout_loss"]),
+                         "gain_kept_se": r.get("gain_kept_se")}  # over the held-out rows (measured since 2026-12-07)
     g = root / cell.name / "gguf.json"
     if g.is_file():  # bench/gguf_fidelity.py, base + adapter: gain kept against its own base/trained losses (same rows)
         data = json.loads(g.read_text())
@@ -225,7 +227,8 @@ def table(cells: list[Cell], strategies: list[str], root: Path = ROOT) -> tuple[
                 continue
             kept = row[s]["gain_kept"]
             mark = "" if s == "QLoRA-style" or gain < MIN_GAIN else (" ✓" if kept >= GOAL else f" (−{100 * (GOAL - kept):.1f})")
-            cells_out.append(f"{100 * kept:.{2 if s in (GGUF, GGUF_LLAMA) else 1}f}%{mark}")
+            se = row[s].get("gain_kept_se")
+            cells_out.append(f"{100 * kept:.{2 if s in (GGUF, GGUF_LLAMA) else 1}f}%" + (f" ± {100 * se:.1f}" if se else "") + mark)
             if s in summary and gain >= MIN_GAIN and c in DESIGN:
                 summary[s].append(kept)
         rows[c.name] = row

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     from qalora_hf.cache import default_cache_dir
     from qalora_hf.data import read_rows, token_batches
     from qalora_hf.export import export_gptq
-    from qalora_hf.metrics import gain_kept, measure
+    from qalora_hf.metrics import Measurement, gain_kept, gain_kept_se, measure
     from qalora_hf.merge import collect_hessians, merge_qalora, qalora_layers
     from qalora_hf.model import load_qalora_adapter
     from qalora_hf.gptq import load_gptq_model
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     mmlu = load_mmlu_subset(default_cache_dir() / "data" / "mmlu.jsonl", per_topic=args.mmlu_per_topic) if args.mmlu_per_topic else []
 
     def evaluate(model):
-        out = {"heldout_loss": measure(model, holdout).loss}
+        m = measure(model, holdout)  # per-row losses kept for the gain kept's standard error (gain_kept_se)
+        out = {"heldout_loss": m.loss, "row_loss_sums": m.row_loss_sums, "row_tokens": m.row_tokens}
         if mmlu:
             out["mmlu_acc"] = mmlu_accuracy(model, tok, mmlu)
         return out
@@ -171,8 +172,12 @@ def main(argv=None) -> int:
 
     lb = results["base GPTQ"]["heldout_loss"]
     lt = results["trained (adapter, unmerged)"]["heldout_loss"]
-    for r in results.values():
+    rows = {name: Measurement(loss=r["heldout_loss"], tokens=sum(r["row_tokens"]), rows=len(r["row_tokens"]),
+                              row_loss_sums=r["row_loss_sums"], row_tokens=r["row_tokens"]) for name, r in results.items()}
+    for name, r in results.items():
         r["gain_kept"] = gain_kept(lb, lt, r["heldout_loss"])
+        # paired bootstrap over the held-out rows: how much of a difference between two rows here the rows explain
+        r["gain_kept_se"] = gain_kept_se(rows["base GPTQ"], rows["trained (adapter, unmerged)"], rows[name])
     _print_table(results, shift_stats, args, args.holdout, len(mmlu))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"date": datetime.date.today().isoformat(), "label": args.label, "args": vars(args), "shift": shift_stats, "results": results}, indent=2))
@@ -233,11 +238,13 @@ def _requant_baseline(ref, tok, cal_rows, args, evaluate) -> dict:
 
 
 def _print_table(results, shift, args, n_holdout, n_mmlu):
-    head = f"| model | held-out loss ({n_holdout}) | gain kept |" + (f" MMLU ({n_mmlu}) |" if n_mmlu else "") + " codes changed | scales changed | zeros changed / clamped | rel. output error | merge s |"
+    head = f"| model | held-out loss ({n_holdout}) | gain kept (± s.e. over rows) |" + (f" MMLU ({n_mmlu}) |" if n_mmlu else "") + " codes changed | scales changed | zeros changed / clamped | rel. output error | merge s |"
     print("\n" + head)
     print("|" + "---|" * (head.count("|") - 1))
     for name, r in results.items():
         kept = "" if r.get("gain_kept") is None else f"{100 * r['gain_kept']:.1f}%"
+        if r.get("gain_kept_se"):
+            kept += f" ± {100 * r['gain_kept_se']:.1f}"
         cells = [name, f"{r['heldout_loss']:.4f}", kept]
         if n_mmlu:
             cells.append(f"{100 * r['mmlu_acc']:.1f}%")

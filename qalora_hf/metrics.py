@@ -61,6 +61,40 @@ def gain_kept(loss_base: float, loss_trained: float, loss_other: float) -> Optio
     return (loss_base - loss_other) / gain if gain > 0 else None
 
 
+def gain_kept_se(base: "Measurement", trained: "Measurement", other: "Measurement", resamples: int = 2000,
+                 seed: int = 0) -> Optional[float]:
+    """Standard error of :func:`gain_kept` over the held-out rows: a paired bootstrap (Efron & Tibshirani 1993, ch. 6).
+
+    The three measurements must come from the same batches (same rows, same order).  Each resample draws the rows
+    with replacement, the same draw for all three models, and recomputes each loss as (sum of the drawn rows' token
+    losses) / (their token count) and then the fraction; the result is the standard deviation of the fraction over
+    ``resamples`` draws (a fraction: 0.005 = half a point).  It says how much of a difference between two merges
+    measured on the same rows could be the choice of rows.
+
+    Returns:
+        None when a measurement has no per-row losses (``row_loss_sums``), the row counts differ, or the gain is not
+        positive.
+
+    Raises:
+        ValueError: the row token counts differ (the measurements are not on the same rows).
+    """
+    ms = (base, trained, other)
+    if any(m.row_loss_sums is None for m in ms) or len({len(m.row_loss_sums) for m in ms}) != 1:
+        return None
+    if not (base.row_tokens == trained.row_tokens == other.row_tokens):
+        raise ValueError("gain_kept_se: the three measurements count different tokens per row; measure them on the same batches.")
+    if gain_kept(base.loss, trained.loss, other.loss) is None:
+        return None
+    sums = torch.tensor([m.row_loss_sums for m in ms], dtype=torch.float64)  # [3, R]
+    tokens = torch.tensor(base.row_tokens, dtype=torch.float64)  # [R]
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, tokens.numel(), (resamples, tokens.numel()), generator=gen)  # [S, R]
+    losses = sums[:, idx].sum(-1) / tokens[idx].sum(-1).clamp(min=1)  # [3, S]
+    gain = losses[0] - losses[1]
+    kept = ((losses[0] - losses[2]) / gain)[gain > 0]
+    return float(kept.std()) if kept.numel() > 1 else None
+
+
 def format_metric(name: str, value) -> Optional[str]:
     """``value`` as the card and the CLI show it: ``gain_kept`` as a percentage, floats to 4 significant digits;
     None for a missing or undefined value (None, NaN)."""
@@ -87,6 +121,9 @@ class Measurement:
         logits: with ``keep_logits=True``, per batch the float32 CPU logits [P, V] of its P real (non-padding) positions.
         max_logit_diff: with a ``reference``, max abs. difference of the logits over the real positions and the vocabulary.
         reference_loss: the loss of a ``reference`` model on the same batches.
+        row_loss_sums: per row, in batch order, the sum of its counted tokens' cross-entropy (nats); a packed row of a
+            trainer's batch counts as one row.  For :func:`gain_kept_se`.
+        row_tokens: per row, the number of tokens its loss counts.
     """
 
     loss: float
@@ -95,6 +132,8 @@ class Measurement:
     logits: Optional[list[torch.Tensor]] = None
     max_logit_diff: Optional[float] = None
     reference_loss: Optional[float] = None
+    row_loss_sums: Optional[list[float]] = None
+    row_tokens: Optional[list[int]] = None
 
 
 def _real(batch: dict, logits: torch.Tensor) -> torch.Tensor:
@@ -125,6 +164,8 @@ def measure(model, batches: Iterable[dict], *, keep_logits: bool = False,
     total = ref_total = 0.0
     count = rows = 0
     kept, max_diff = [], None
+    row_sums: list[float] = []
+    row_tokens: list[int] = []
     try:
         for i, batch in enumerate(batches):
             inputs = forward_inputs(batch, device)  # as the training step runs it (packed rows apart)
@@ -134,7 +175,10 @@ def measure(model, batches: Iterable[dict], *, keep_logits: bool = False,
                 labels = inputs["input_ids"] if mask is None else inputs["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
             labels = labels.to(device)
             logits = model(**inputs).logits.float()
-            total += _loss_sum(logits, labels)
+            per_row = _loss_sums(logits, labels)  # [B]
+            total += float(per_row.sum())
+            row_sums += per_row.tolist()
+            row_tokens += (labels[:, 1:] != IGNORE_INDEX).sum(-1).tolist()
             count += int((labels[:, 1:] != IGNORE_INDEX).sum())
             rows += int(inputs["input_ids"].shape[0])
             real = _real(inputs, logits)
@@ -143,7 +187,7 @@ def measure(model, batches: Iterable[dict], *, keep_logits: bool = False,
             if reference is not None:
                 if isinstance(reference, torch.nn.Module):
                     ref_logits = reference(**forward_inputs(inputs, next(reference.parameters()).device)).logits.float().to(device)
-                    ref_total += _loss_sum(ref_logits, labels)
+                    ref_total += float(_loss_sums(ref_logits, labels).sum())
                     ref = _real(inputs, ref_logits)
                 else:
                     ref = reference[i].to(device)
@@ -154,12 +198,14 @@ def measure(model, batches: Iterable[dict], *, keep_logits: bool = False,
     return Measurement(
         loss=total / max(count, 1), tokens=count, rows=rows, logits=kept if keep_logits else None, max_logit_diff=max_diff,
         reference_loss=ref_total / max(count, 1) if isinstance(reference, torch.nn.Module) else None,
+        row_loss_sums=row_sums, row_tokens=row_tokens,
     )
 
 
-def _loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float(torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"))
+def _loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the summed next-token cross-entropy (nats) of ``logits`` [B, T, V] on ``labels`` [B, T]: float64 [B]."""
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+    return ce.double().sum(-1).cpu()
 
 
 def completion_loss(model, tokenizer, pairs: Iterable[tuple[str, str]], max_length: int = 256, batch_size: int = 8) -> float:

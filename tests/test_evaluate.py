@@ -67,3 +67,52 @@ def test_mmlu_accuracy_matches_unbatched_reference(float_model, tiny_tok):
         r["correct_answer"] = predicted[i] if i < 6 else MMLU_LETTERS[(MMLU_LETTERS.index(predicted[i]) + 1) % 4]
     for batch_size in (1, 5, 8):
         assert mmlu_accuracy(float_model, tiny_tok, rows, batch_size=batch_size) == pytest.approx(0.5)
+
+
+def test_measure_row_losses_match_unbatched_rows(float_model, tiny_tok):
+    """The per-row loss sums and token counts (for gain_kept_se) are each row's own, whatever the batching."""
+    from qalora_hf.data import token_batches
+    from qalora_hf.metrics import measure
+
+    rows = [{"prompt": p, "completion": c} for p, c in _pairs()]
+    one = [measure(float_model, token_batches([r], tiny_tok, 256, 1)) for r in rows]
+    expected = sorted((round(m.row_loss_sums[0], 3), m.row_tokens[0]) for m in one)
+    m = measure(float_model, token_batches(rows, tiny_tok, 256, 4))
+    assert len(m.row_loss_sums) == len(m.row_tokens) == m.rows == len(rows)
+    assert sum(m.row_tokens) == m.tokens and math.isclose(sum(m.row_loss_sums) / m.tokens, m.loss, rel_tol=1e-9)
+    got = sorted((round(s, 3), n) for s, n in zip(m.row_loss_sums, m.row_tokens))
+    assert [n for _, n in got] == [n for _, n in expected]
+    for (a, _), (b, _) in zip(got, expected):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-3)
+
+
+def test_gain_kept_se_matches_the_delta_method():
+    """The paired bootstrap's standard error of the gain kept agrees with the delta method's for a ratio of sums, is 0
+    when the export is the trained (or the base) model, and refuses rows that differ."""
+    from qalora_hf.metrics import Measurement, gain_kept_se
+
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    tokens = torch.randint(20, 60, (n,), generator=g).double()
+    base = tokens * (2.0 + 0.3 * torch.randn(n, generator=g, dtype=torch.float64))
+    trained = base - tokens * (0.2 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64))
+    other = trained + tokens * (0.01 + 0.02 * torch.randn(n, generator=g, dtype=torch.float64))
+
+    def m(sums):
+        return Measurement(loss=float(sums.sum() / tokens.sum()), tokens=int(tokens.sum()), rows=n,
+                           row_loss_sums=sums.tolist(), row_tokens=[int(t) for t in tokens])
+
+    a, c = base - other, base - trained
+    r = a.sum() / c.sum()
+    delta = float(((a - r * c).var() / n).sqrt() / c.mean())
+    se = gain_kept_se(m(base), m(trained), m(other))
+    assert 0.85 * delta < se < 1.15 * delta, (se, delta)
+    assert gain_kept_se(m(base), m(trained), m(trained)) < 1e-12
+    assert gain_kept_se(m(base), m(trained), m(base)) < 1e-12
+    assert gain_kept_se(m(base), m(base), m(other)) is None  # no gain: the fraction is not defined
+    short = Measurement(loss=1.0, tokens=1, rows=1)
+    assert gain_kept_se(m(base), m(trained), short) is None  # no per-row losses
+    shifted = Measurement(loss=1.0, tokens=int(tokens.sum()) + 1, rows=n, row_loss_sums=other.tolist(),
+                          row_tokens=[int(t) + (i == 0) for i, t in enumerate(tokens)])
+    with pytest.raises(ValueError, match="same batches"):
+        gain_kept_se(m(base), m(trained), shifted)
