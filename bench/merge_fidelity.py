@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     with peft_model.disable_adapter():
         results["base GPTQ"] = evaluate(peft_model)
     results["trained (adapter, unmerged)"] = evaluate(peft_model)
-    print(f"base / trained evaluated ({time.time() - t:.0f}s): {results}", flush=True)
+    print(f"base / trained evaluated ({time.time() - t:.0f}s): {_brief(results)}", flush=True)
     ref = float_reference(peft_model)
     results["float-merged reference"] = evaluate(ref)
     t = time.time()
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         results[f"export: {name}"] = r
         if shift_stats is None:
             shift_stats = _shift_distribution(peft_model)
-        print(f"{name}: {r}", flush=True)
+        print(f"{name}: {_brief(r)}", flush=True)
         del model, merged, reloaded
 
     if args.requant:
@@ -183,6 +183,11 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps({"date": datetime.date.today().isoformat(), "label": args.label, "args": vars(args), "shift": shift_stats, "results": results}, indent=2))
     print(f"wrote {args.out}")
     return 0
+
+
+def _brief(d: dict) -> dict:
+    """``d`` without the per-row lists (kept in the JSON, too long for the log)."""
+    return {k: _brief(v) if isinstance(v, dict) else v for k, v in d.items() if k not in ("row_loss_sums", "row_tokens")}
 
 
 def _rule_lr(peft_model) -> float:
