@@ -29,6 +29,7 @@ METRIC_LABELS: dict[str, str] = {
     "loss_trained": "held-out loss, trained (adapter, unmerged)",
     "loss_exported": "held-out loss, exported (merged INT model)",
     "gain_kept": "fraction of the fine-tuning loss gain kept by the export",
+    "gain_kept_se": "standard error of that fraction over the held-out rows (paired bootstrap)",
     "max_logit_diff": "max abs. logit difference, trained (adapter, unmerged) vs exported, over real tokens",
     "codes_changed": "integer codes changed",
     "zeros_changed": "zero-points changed",
@@ -72,14 +73,14 @@ def gain_kept_se(base: "Measurement", trained: "Measurement", other: "Measuremen
     measured on the same rows could be the choice of rows.
 
     Returns:
-        None when a measurement has no per-row losses (``row_loss_sums``), the row counts differ, or the gain is not
-        positive.
+        None when a measurement has no per-row losses (``row_loss_sums``), the row counts differ, there are fewer than
+        2 rows, or the gain is not positive.
 
     Raises:
         ValueError: the row token counts differ (the measurements are not on the same rows).
     """
     ms = (base, trained, other)
-    if any(m.row_loss_sums is None for m in ms) or len({len(m.row_loss_sums) for m in ms}) != 1:
+    if any(m.row_loss_sums is None for m in ms) or len({len(m.row_loss_sums) for m in ms}) != 1 or len(base.row_loss_sums) < 2:
         return None
     if not (base.row_tokens == trained.row_tokens == other.row_tokens):
         raise ValueError("gain_kept_se: the three measurements count different tokens per row; measure them on the same batches.")
@@ -102,6 +103,8 @@ def format_metric(name: str, value) -> Optional[str]:
         return None
     if name == "gain_kept":
         return f"{100 * value:.1f}%"
+    if name == "gain_kept_se":
+        return f"± {100 * value:.1f} points"
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
@@ -231,7 +234,8 @@ def merge_metrics(strategy: str, totals: dict, *, base: Optional[Measurement] = 
         metrics.update(
             holdout_rows=trained.rows, holdout_tokens=trained.tokens, holdout_source=holdout_source,
             loss_base=base.loss, loss_trained=trained.loss, loss_exported=exported.loss,
-            gain_kept=gain_kept(base.loss, trained.loss, exported.loss), max_logit_diff=exported.max_logit_diff,
+            gain_kept=gain_kept(base.loss, trained.loss, exported.loss), gain_kept_se=gain_kept_se(base, trained, exported),
+            max_logit_diff=exported.max_logit_diff,
         )
     metrics.update({k: v for k, v in totals.items() if k != "strategy"})
     return metrics

@@ -220,7 +220,7 @@ def merge_measure_export(
             trained.logits = None
         metrics = merge_metrics(spec.name, report.totals, base=base, trained=trained, exported=exported, holdout_source=holdout_source)
         logger.info("merge (%s): %s", spec.name, ", ".join(f"{k} {format_metric(k, metrics.get(k))}" for k in
-                                                       ("loss_base", "loss_trained", "loss_exported", "gain_kept", "max_logit_diff")))
+                                                       ("loss_base", "loss_trained", "loss_exported", "gain_kept", "gain_kept_se", "max_logit_diff")))
 
         extra_files = {"merge_report.json": scratch / "merge_report.json"}
         extra_files["merge_report.json"].write_text(json.dumps({"metrics": metrics, **report.to_dict()}, indent=2, default=str) + "\n")

@@ -118,8 +118,9 @@ def test_full_run_quantise_train_merge_export_and_cache_reuse(tiny_float_dir, tm
 
     m = trainer.merge_metrics
     assert m is not None and m["strategy"] == "gptq" and m["holdout_source"] == "eval_dataset" and m["holdout_rows"] == 8
-    for key in ("loss_base", "loss_trained", "loss_exported", "gain_kept", "max_logit_diff"):
+    for key in ("loss_base", "loss_trained", "loss_exported", "gain_kept", "gain_kept_se", "max_logit_diff"):
         assert key in m and math.isfinite(m[key]), (key, m)
+    assert 0 < m["gain_kept_se"] < 1, m  # over 8 held-out rows: uncertain, but not as large as the fraction itself
     assert m["loss_trained"] < m["loss_base"]
     assert m["gain_kept"] > 0.5, m  # the gptq merge keeps most of the fine-tuning gain (~99% here)
     assert set(m) <= set(METRIC_LABELS), set(m) - set(METRIC_LABELS)  # one set of names
@@ -145,7 +146,7 @@ def test_full_run_quantise_train_merge_export_and_cache_reuse(tiny_float_dir, tm
                 if line.startswith("| ") and line.count(" | ") == 1)
     rows = {k.strip(): v.strip() for k, v in rows.items()}
     for key in ("strategy", "holdout_rows", "holdout_tokens", "holdout_source", "loss_base", "loss_trained", "loss_exported",
-                "gain_kept", "max_logit_diff", "codes_changed", "zeros_changed", "layers"):
+                "gain_kept", "gain_kept_se", "max_logit_diff", "codes_changed", "zeros_changed", "layers"):
         assert rows.get(METRIC_LABELS[key]) == format_metric(key, m[key]), (key, rows.get(METRIC_LABELS[key]), m[key])
     assert rows[METRIC_LABELS["gain_kept"]].endswith("%") and "nan" not in card.lower()
     assert not set(rows) & set(METRIC_LABELS), set(rows) & set(METRIC_LABELS)  # no metric shown under its raw name
