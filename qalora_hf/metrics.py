@@ -89,15 +89,19 @@ def gain_kept_se(base: "Measurement", trained: "Measurement", other: "Measuremen
     sums = torch.tensor([m.row_loss_sums for m in ms], dtype=torch.float64)  # [3, R]
     tokens = torch.tensor(base.row_tokens, dtype=torch.float64)  # [R]
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, tokens.numel(), (resamples, tokens.numel()), generator=gen)  # [S, R]
-    losses = sums[:, idx].sum(-1) / tokens[idx].sum(-1).clamp(min=1)  # [3, S]
-    gain = losses[0] - losses[1]
-    kept = ((losses[0] - losses[2]) / gain)[gain > 0]
+    kept = []
+    for start in range(0, resamples, 200):  # in chunks: [3, 200, R] float64 at a time, whatever the row count
+        idx = torch.randint(0, tokens.numel(), (min(200, resamples - start), tokens.numel()), generator=gen)  # [S, R]
+        losses = sums[:, idx].sum(-1) / tokens[idx].sum(-1).clamp(min=1)  # [3, S]
+        gain = losses[0] - losses[1]
+        kept.append(((losses[0] - losses[2]) / gain)[gain > 0])
+    kept = torch.cat(kept)
     return float(kept.std()) if kept.numel() > 1 else None
 
 
 def format_metric(name: str, value) -> Optional[str]:
-    """``value`` as the card and the CLI show it: ``gain_kept`` as a percentage, floats to 4 significant digits;
+    """``value`` as the card and the CLI show it: ``gain_kept`` as a percentage, ``gain_kept_se`` in percentage points
+    (``± 0.5 points``), floats to 4 significant digits;
     None for a missing or undefined value (None, NaN)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
