@@ -168,8 +168,7 @@ def measure(model, batches: Iterable[dict], *, keep_logits: bool = False,
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total = ref_total = 0.0
-    count = rows = 0
+    ref_total = 0.0
     kept, max_diff = [], None
     row_sums: list[float] = []
     row_tokens: list[int] = []
@@ -182,12 +181,8 @@ def measure(model, batches: Iterable[dict], *, keep_logits: bool = False,
                 labels = inputs["input_ids"] if mask is None else inputs["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
             labels = labels.to(device)
             logits = model(**inputs).logits.float()
-            per_row = _loss_sums(logits, labels)  # [B]
-            total += float(per_row.sum())
-            row_sums += per_row.tolist()
+            row_sums += _loss_sums(logits, labels).tolist()  # [B]
             row_tokens += (labels[:, 1:] != IGNORE_INDEX).sum(-1).tolist()
-            count += int((labels[:, 1:] != IGNORE_INDEX).sum())
-            rows += int(inputs["input_ids"].shape[0])
             real = _real(inputs, logits)
             if keep_logits:
                 kept.append(real.cpu())
@@ -202,8 +197,9 @@ def measure(model, batches: Iterable[dict], *, keep_logits: bool = False,
                 max_diff = diff if max_diff is None else max(max_diff, diff)
     finally:
         model.train(was_training)
+    count = sum(row_tokens)
     return Measurement(
-        loss=total / max(count, 1), tokens=count, rows=rows, logits=kept if keep_logits else None, max_logit_diff=max_diff,
+        loss=sum(row_sums) / max(count, 1), tokens=count, rows=len(row_tokens), logits=kept if keep_logits else None, max_logit_diff=max_diff,
         reference_loss=ref_total / max(count, 1) if isinstance(reference, torch.nn.Module) else None,
         row_loss_sums=row_sums, row_tokens=row_tokens,
     )
