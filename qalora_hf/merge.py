@@ -394,8 +394,8 @@ def merge_qalora(
         distill_steps / distill_lr / distill_topk: the ``"distill"`` phase (one calibration batch per
             step; peak Adam learning rate on the scale change in quantisation steps at the end of the code
             range; teacher tokens kept per position); see :func:`qalora_hf.scale_distillation.distill_scales`.
-            Give at least ``distill_steps`` calibration batches (256 rows in batches of 8 for the default 32 steps): a
-            batch distilled twice over-fits the calibration rows (on SmolLM2-135M, 128 rows kept 97.5 % of the gain and
+            Give at least ``distill_steps`` calibration batches (256 rows in batches of 8 for the default 32 steps; with
+            more, each step distils several batches, each batch once): a batch distilled twice over-fits the calibration rows (on SmolLM2-135M, 128 rows kept 97.5 % of the gain and
             256 rows 98.5 %; 256 rows over 64 steps 97.5 %; docs/fidelity_matrix.md).
             ``distill_lr="auto"`` (default) chooses the rate on held-out calibration batches
             (:func:`qalora_hf.scale_distillation.distill_scales_lr_search`: every 8th batch is held out; 2-3
@@ -558,6 +558,9 @@ def _distill(model, layers, targets, report, originals, hessians, adapter_name, 
         logger.info("merge: %d calibration batches for %d distillation steps: each batch is distilled about %.1f times; "
                     "as many batches as steps (256 rows in batches of 8 for 32 steps) distil each once, which kept about "
                     "1 point more of the gain on SmolLM2-135M (docs/fidelity_matrix.md)", len(targets), steps, steps / len(targets))
+    elif len(targets) > steps:
+        logger.info("merge: %d calibration batches for %d distillation steps: each step distils about %.1f batches, each batch once",
+                    len(targets), steps, len(targets) / steps)
     try:
         if lr == "auto":  # a first guess from the adapter, then the rate the held-out calibration batches prefer
             guess = distill_lr_guess(report.totals["shift_abs_median"])

@@ -225,7 +225,10 @@ def distill_scales(
             adapters disabled); its GPTQ layers must be loaded with a v2 kernel (``backend="torch"``).
         layer_names: qualified names of the GPTQ layers to tune (the merged ones).
         targets: :func:`teacher_topk` of the trained model on calibration batches.
-        steps: optimiser steps, one calibration batch each (cycling through ``targets`` in shuffled order).
+        steps: optimiser steps.  With at most ``steps`` targets, one calibration batch per step (cycling through
+            ``targets`` in shuffled order); with more, the shuffled targets are split into ``steps`` near-equal
+            chunks and each step distils one chunk (gradients accumulated, the KL averaged over the chunk's
+            positions), so every batch is distilled exactly once.
         lr: peak Adam learning rate (cosine decay to 0) on ``u``, where ``s = s0 * (1 + u / maxq)``: a change of
             ``u`` by 1 moves the weights at the end of the code range (``|q - z| = maxq``) by one
             quantisation step, whatever the bit width.  1.5e-2 for 4 bits is a relative scale change of 1e-3.
@@ -276,26 +279,40 @@ def distill_scales(
         model.eval()  # no dropout: the merged forward exactly
         in_dev = model.get_input_embeddings().weight.device
         bar = tqdm(range(steps), desc="Distilling scales", disable=not progress)
+        if len(targets) > steps:  # more batches than steps: each step distils its share, each batch once
+            order = list(range(len(targets)))
+            rng.shuffle(order)
+            per_step = [order[i * len(order) // steps:(i + 1) * len(order) // steps] for i in range(steps)]
         for step in bar:
-            if not order:
-                order = list(range(len(targets)))
-                rng.shuffle(order)
-            t = targets[order.pop()]
-            with torch.enable_grad():
-                out = model(**forward_inputs(t.batch, in_dev))  # the teacher's forward: packed rows stay apart
-                dev = out.logits.device
-                logp = torch.log_softmax(out.logits.float()[t.positions.to(dev)], dim=-1)  # [P, V]
-                kl = topk_kl(t.logprobs.to(dev).float(), logp.gather(-1, t.indices.to(dev).long()), t.rest.to(dev))
-                if not math.isfinite(float(kl.detach())):
-                    logger.warning("scale distillation diverged at step %d (non-finite KL): keeping the scales from before it; "
-                                   "lower distill_lr.", step + 1)
-                    diverged = True
-                    break
-                opt.zero_grad(set_to_none=True)
-                kl.backward()
+            if len(targets) > steps:
+                chunk = [targets[i] for i in per_step[step]]
+            else:
+                if not order:
+                    order = list(range(len(targets)))
+                    rng.shuffle(order)
+                chunk = [targets[order.pop()]]
+            total = sum(int(t.positions.sum()) for t in chunk)
+            opt.zero_grad(set_to_none=True)
+            kl_sum = 0.0
+            for t in chunk:  # gradient accumulation: the step's KL is the mean over all its distilled positions
+                with torch.enable_grad():
+                    out = model(**forward_inputs(t.batch, in_dev))  # the teacher's forward: packed rows stay apart
+                    dev = out.logits.device
+                    logp = torch.log_softmax(out.logits.float()[t.positions.to(dev)], dim=-1)  # [P, V]
+                    kl = topk_kl(t.logprobs.to(dev).float(), logp.gather(-1, t.indices.to(dev).long()), t.rest.to(dev))
+                    if not math.isfinite(float(kl.detach())):
+                        break
+                    weight = int(t.positions.sum()) / total if len(chunk) > 1 else 1.0
+                    (kl * weight).backward()
+                kl_sum += float(kl.detach()) * weight
+            if not math.isfinite(float(kl.detach())):
+                logger.warning("scale distillation diverged at step %d (non-finite KL): keeping the scales from before it; "
+                               "lower distill_lr.", step + 1)
+                diverged = True
+                break
             opt.step()
             sched.step()
-            kl_last = float(kl.detach())
+            kl_last = kl_sum
             kl_first = kl_last if kl_first is None else kl_first
             bar.set_postfix(kl=f"{kl_last:.4f}")
             if on_step is not None:

@@ -826,6 +826,38 @@ def test_merge_never_creates_a_zero_point_0_and_reports_the_ones_there_are(load_
     assert "zero-points equal to 0" in str(card) and "vLLM" in str(card)
 
 
+def test_distill_more_batches_than_steps_distils_each_batch_once(load_tiny_gptq, calibration_batches):
+    """With more calibration batches than steps, the shuffled batches are split over the steps: every batch is run
+    through the model exactly once, and a step's KL is the mean over all its chunk's distilled positions (one step on
+    4 batches reports the same KL as heldout_scores on the 4, which weights each batch by its positions)."""
+    from qalora_hf.scale_distillation import distill_scales, heldout_scores, teacher_topk
+
+    model = fp32_scales(load_tiny_gptq(4, False, False))
+    with torch.no_grad():  # sharpen the random model's logits (see test_merge_distill_strategy)
+        model.model.norm.weight.mul_(30.0)
+    names = [n for n in gptq_layers(model) if n.endswith(("q_proj", "down_proj"))]
+    with torch.no_grad():
+        teacher = copy.deepcopy(model)
+        for n in names:  # the teacher: the same model with its scales 2 % larger
+            teacher.get_submodule(n).scales.mul_(1.02)
+        targets = [teacher_topk(b, teacher(**b).logits, k=8) for b in calibration_batches]
+    assert len({t.batch["input_ids"].shape[1] for t in targets}) > 1  # batches of different lengths and position counts
+    seen: list[int] = []
+
+    def record(module, args, kwargs):
+        ids = kwargs["input_ids"]
+        seen.extend(i for i, t in enumerate(targets) if t.batch["input_ids"].shape == ids.shape and torch.equal(t.batch["input_ids"], ids))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    out = distill_scales(model, names, targets, steps=2, lr=1e-2, progress=False)
+    hook.remove()
+    assert sorted(seen) == [0, 1, 2, 3] and out["scales_changed"] > 0
+    one_step = distill_scales(copy.deepcopy(model), names, targets, steps=1, lr=1e-2, progress=False)
+    assert one_step["kl_first"] == pytest.approx(heldout_scores(model, targets)["kl"], rel=1e-5)
+    out = distill_scales(copy.deepcopy(model), names, targets, steps=4, lr=1e-2, progress=False)  # one batch per step
+    assert out["kl_first"] in [pytest.approx(heldout_scores(model, [t])["kl"], rel=1e-5) for t in targets]
+
+
 def test_distill_norms_tunes_the_norm_weights(load_tiny_gptq, calibration_batches):
     """distill_norms=True (norm tweaking): the normalisation layers' weights are tuned with the scales, the model keeps
     its plain modules and state-dict keys (a standard checkpoint), codes and zero-points equal the scale-only run's,
