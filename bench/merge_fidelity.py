@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     from qalora_hf.model import load_qalora_adapter
     from qalora_hf.gptq import load_gptq_model
     from qalora_hf.scale_distillation import teacher_topk
+    from qalora_hf.strategies import MergeStrategy
 
     data = args.data or str(default_cache_dir() / "data" / "alpaca_en_demo.json")
     rows = read_rows(data)
@@ -141,11 +142,17 @@ def main(argv=None) -> int:
         # "distill@64": the distill strategy with 64 steps; "distill@32@2e-3": 32 steps at distill_lr 2e-3;
         # "distill@32@auto@all": distilled at every non-padding position instead of the loss positions only;
         # "distill@32@auto@loss@256": on 256 calibration rows; "distill@32@auto@loss@256@norms": with norm tweaking;
-        # "...@bias": with bias correction after the integer merge
+        # "...@bias": with bias correction after the integer merge; "...@keepcodes": the base's codes kept (diagnostic);
+        # "...@cd4": up to 4 sweeps of coordinate descent on the codes after the GPTQ pass (QuantEase)
         strategy, steps, lr, positions, count, extra = (name.split("@") + [""] * 5)[:6]
         # "rule": the earlier default, one run at 2 x the median shift (merge_qalora's first guess) on every batch
         lr = args.distill_lr if not lr else (lr if lr == "auto" else _rule_lr(peft_model) if lr == "rule" else float(lr))
         hessians, sums, targets, targets_all = stats[int(count or args.calibration)]
+        if extra == "keepcodes":  # diagnostic: the base's codes kept (no GPTQ code pass), scales refit and distilled
+            strategy = MergeStrategy("distill", refit_scales=True, rechoose_codes=False, distill=True, summary="codes kept")
+        elif extra.startswith("cd"):  # "...@cd4": up to 4 sweeps of coordinate descent on the codes after the GPTQ pass
+            strategy = MergeStrategy(strategy, refit_scales=strategy != "gptq", rechoose_codes=True, distill=strategy == "distill",
+                                     summary="codes refined", refine_codes=int(extra[2:] or 4))
         model = copy.deepcopy(peft_model)
         t = time.time()
         merged, report = merge_qalora(model, strategy=strategy, hessians=hessians, teacher_targets=targets_all if positions == "all" else targets,

@@ -21,6 +21,8 @@ class MergeStrategy:
         rechoose_codes: codes re-chosen on the fixed grid by GPTQ's error feedback (``qalora_hf.merge._fixed_grid_gptq``).
         distill: scale-only distillation of the whole merged model (:func:`~qalora_hf.scale_distillation.distill_scales`).
         summary: one line for ``--help`` texts.
+        refine_codes: sweeps of cyclic coordinate descent on the codes after the fixed-grid GPTQ pass
+            (``qalora_hf.merge._refine_codes``: QuantEase, Behdin et al. 2023); 0 (every shipped strategy) = none.
     """
 
     name: str
@@ -28,6 +30,7 @@ class MergeStrategy:
     rechoose_codes: bool
     distill: bool
     summary: str
+    refine_codes: int = 0
 
     @property
     def needs_calibration(self) -> bool:

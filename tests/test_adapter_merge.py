@@ -858,6 +858,46 @@ def test_distill_more_batches_than_steps_distils_each_batch_once(load_tiny_gptq,
     assert out["kl_first"] in [pytest.approx(heldout_scores(model, [t])["kl"], rel=1e-5) for t in targets]
 
 
+def test_refine_codes_reaches_a_coordinate_minimum_and_never_raises_the_error():
+    """_refine_codes (cyclic coordinate descent, QuantEase) from the fixed-grid GPTQ codes: the H-weighted error
+    ``sum_o e_o H e_o^T`` never rises, and after convergence no single code moved by +-1 lowers it (checked by brute
+    force); columns with H_ii == 0 keep their codes; codes stay in [0, maxq]."""
+    from qalora_hf.merge import _fixed_grid_gptq, _refine_codes
+
+    gen = torch.Generator().manual_seed(0)
+    n, k, gs, maxq = 12, 64, 16, 7
+    x = torch.randn(256, k, generator=gen) * torch.rand(k, generator=gen) * 3
+    x[:, 5] = 0  # a dead input channel
+    h = (x.T @ x).double()
+    g_idx = torch.arange(k) // gs
+    scales = torch.rand(k // gs, n, generator=gen) * 0.01 + 0.01
+    zeros = torch.randint(2, 6, (k // gs, n), generator=gen)
+    q0 = torch.randint(0, maxq + 1, (k, n), generator=gen)
+    s_cols, z_cols = scales[g_idx].t().double(), zeros[g_idx].t().double()
+    target = (s_cols * (q0.t() - z_cols) + 0.3 * s_cols * torch.randn(n, k, generator=gen, dtype=torch.float64)).float()
+
+    def err(q):
+        e = s_cols * (q.t().double() - z_cols) - target.double()
+        return float(((e @ h) * e).sum())
+
+    start = _fixed_grid_gptq(target, scales, zeros, g_idx, maxq, h, q0)
+    one = _refine_codes(start, target, scales, zeros, g_idx, maxq, h, sweeps=1)
+    done = _refine_codes(start, target, scales, zeros, g_idx, maxq, h, sweeps=50)
+    assert err(done) <= err(one) <= err(start) and err(done) < err(start)
+    assert int(done.min()) >= 0 and int(done.max()) <= maxq and torch.equal(done[5], start[5])
+    best = err(done)
+    for i in range(k):
+        if i == 5:
+            continue
+        for o in range(n):
+            for step in (-1, 1):
+                c = int(done[i, o]) + step
+                if 0 <= c <= maxq:
+                    q = done.clone()
+                    q[i, o] = c
+                    assert err(q) >= best - 1e-9 * abs(best), (i, o, step)
+
+
 def test_distill_norms_tunes_the_norm_weights(load_tiny_gptq, calibration_batches):
     """distill_norms=True (norm tweaking): the normalisation layers' weights are tuned with the scales, the model keeps
     its plain modules and state-dict keys (a standard checkpoint), codes and zero-points equal the scale-only run's,
