@@ -302,7 +302,7 @@ def distill_scales(
                     kl = topk_kl(t.logprobs.to(dev).float(), logp.gather(-1, t.indices.to(dev).long()), t.rest.to(dev))
                     if not math.isfinite(float(kl.detach())):
                         break
-                    weight = int(t.positions.sum()) / total if len(chunk) > 1 else 1.0
+                    weight = int(t.positions.sum()) / max(total, 1) if len(chunk) > 1 else 1.0
                     (kl * weight).backward()
                 kl_sum += float(kl.detach()) * weight
             if not math.isfinite(float(kl.detach())):
