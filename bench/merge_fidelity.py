@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     from qalora_hf.model import load_qalora_adapter
     from qalora_hf.gptq import load_gptq_model
     from qalora_hf.scale_distillation import teacher_topk
-    from qalora_hf.strategies import MergeStrategy
+    from qalora_hf.strategies import get_strategy
 
     data = args.data or str(default_cache_dir() / "data" / "alpaca_en_demo.json")
     rows = read_rows(data)
@@ -148,11 +149,10 @@ def main(argv=None) -> int:
         # "rule": the earlier default, one run at 2 x the median shift (merge_qalora's first guess) on every batch
         lr = args.distill_lr if not lr else (lr if lr == "auto" else _rule_lr(peft_model) if lr == "rule" else float(lr))
         hessians, sums, targets, targets_all = stats[int(count or args.calibration)]
-        if extra == "keepcodes":  # diagnostic: the base's codes kept (no GPTQ code pass), scales refit and distilled
-            strategy = MergeStrategy("distill", refit_scales=True, rechoose_codes=False, distill=True, summary="codes kept")
+        if extra == "keepcodes":  # diagnostic: the base's codes kept (no GPTQ code pass)
+            strategy = dataclasses.replace(get_strategy(strategy), rechoose_codes=False)
         elif extra.startswith("cd"):  # "...@cd4": up to 4 sweeps of coordinate descent on the codes after the GPTQ pass
-            strategy = MergeStrategy(strategy, refit_scales=strategy != "gptq", rechoose_codes=True, distill=strategy == "distill",
-                                     summary="codes refined", refine_codes=int(extra[2:] or 4))
+            strategy = dataclasses.replace(get_strategy(strategy), refine_codes=int(extra[2:] or 4))
         model = copy.deepcopy(peft_model)
         t = time.time()
         merged, report = merge_qalora(model, strategy=strategy, hessians=hessians, teacher_targets=targets_all if positions == "all" else targets,

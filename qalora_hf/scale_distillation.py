@@ -291,7 +291,7 @@ def distill_scales(
                     order = list(range(len(targets)))
                     rng.shuffle(order)
                 chunk = [targets[order.pop()]]
-            total = sum(int(t.positions.sum()) for t in chunk)
+            total = max(sum(int(t.positions.sum()) for t in chunk), 1)
             opt.zero_grad(set_to_none=True)
             kl_sum = 0.0
             for t in chunk:  # gradient accumulation: the step's KL is the mean over all its distilled positions
@@ -300,15 +300,15 @@ def distill_scales(
                     dev = out.logits.device
                     logp = torch.log_softmax(out.logits.float()[t.positions.to(dev)], dim=-1)  # [P, V]
                     kl = topk_kl(t.logprobs.to(dev).float(), logp.gather(-1, t.indices.to(dev).long()), t.rest.to(dev))
-                    if not math.isfinite(float(kl.detach())):
+                    diverged = not math.isfinite(float(kl.detach()))
+                    if diverged:
                         break
-                    weight = int(t.positions.sum()) / max(total, 1) if len(chunk) > 1 else 1.0
+                    weight = int(t.positions.sum()) / total  # exactly 1.0 for a chunk of one batch
                     (kl * weight).backward()
                 kl_sum += float(kl.detach()) * weight
-            if not math.isfinite(float(kl.detach())):
+            if diverged:
                 logger.warning("scale distillation diverged at step %d (non-finite KL): keeping the scales from before it; "
                                "lower distill_lr.", step + 1)
-                diverged = True
                 break
             opt.step()
             sched.step()
