@@ -145,6 +145,7 @@ def main(argv=None) -> int:
         # "distill@32@auto@loss@256": on 256 calibration rows; "distill@32@auto@loss@256@norms": with norm tweaking;
         # "...@bias": with bias correction after the integer merge; "...@keepcodes": the base's codes kept (diagnostic);
         # "...@cd4": up to 4 sweeps of coordinate descent on the codes after the GPTQ pass (QuantEase)
+        # "...@ce0.5": half KL, half cross-entropy on the labels (hard targets)
         strategy, steps, lr, positions, count, extra = (name.split("@") + [""] * 5)[:6]
         # "rule": the earlier default, one run at 2 x the median shift (merge_qalora's first guess) on every batch
         lr = args.distill_lr if not lr else (lr if lr == "auto" else _rule_lr(peft_model) if lr == "rule" else float(lr))
@@ -153,11 +154,14 @@ def main(argv=None) -> int:
             strategy = dataclasses.replace(get_strategy(strategy), rechoose_codes=False)
         elif extra.startswith("cd"):  # "...@cd4": up to 4 sweeps of coordinate descent on the codes after the GPTQ pass
             strategy = dataclasses.replace(get_strategy(strategy), refine_codes=int(extra[2:] or 4))
+        # "...@ce0.5": distillation objective 0.5 * KL + 0.5 * cross-entropy on the calibration rows' labels
+        label_weight = float(extra[2:]) if extra.startswith("ce") else 0.0
         model = copy.deepcopy(peft_model)
         t = time.time()
         merged, report = merge_qalora(model, strategy=strategy, hessians=hessians, teacher_targets=targets_all if positions == "all" else targets,
                                       progress=False, distill_steps=int(steps or args.distill_steps), distill_lr=lr,
-                                      distill_norms=extra == "norms", bias_correction=extra == "bias", input_sums=sums)
+                                      distill_norms=extra == "norms", bias_correction=extra == "bias", input_sums=sums,
+                                      distill_label_weight=label_weight)
         seconds = time.time() - t
         with tempfile.TemporaryDirectory() as tmp:  # evaluate what lands on disk, reloaded
             export_gptq(merged, Path(tmp) / "m", tokenizer=tok)

@@ -428,6 +428,7 @@ def merge_qalora(
     distill_norms: bool = False,
     bias_correction: bool = False,
     input_sums: Optional[dict[str, torch.Tensor]] = None,
+    distill_label_weight: float = 0.0,
 ):
     """Fold every QA-LoRA adapter into the integers of its GPTQ layer and drop the PEFT wrapper.
 
@@ -469,6 +470,9 @@ def merge_qalora(
             block get zero biases.  Only for configs with those two fields (Llama-style).  Off by default.
         input_sums: precomputed ``collect_hessians(..., input_sums=...)`` output, with ``hessians`` and
             ``bias_correction``.
+        distill_label_weight: ``w`` in the distillation's objective ``(1 - w) * KL + w * CE``, CE the cross-entropy
+            on the calibration rows' next-token labels (hard targets; see
+            :func:`qalora_hf.scale_distillation.distill_scales`).  0 (default): the KL to the trained model alone.
 
     Returns:
         ``(merged_model, report)``: the plain transformers GPTQ model (no PEFT wrapper, no adapter
@@ -502,7 +506,8 @@ def merge_qalora(
 
     if spec.distill:
         norms = norm_layers(model) if distill_norms else []
-        _distill(model, layers, targets, report, originals, hessians, adapter_name, distill_steps, distill_lr, progress, norms)
+        _distill(model, layers, targets, report, originals, hessians, adapter_name, distill_steps, distill_lr, progress, norms,
+                 distill_label_weight)
     if bias_correction:
         _complete_biases(model)
     return _unload(model, report)
@@ -600,7 +605,8 @@ def _merge_into_layer(name, module, spec, hessian, adapter_name) -> tuple[GPTQTe
     return before, layer_report
 
 
-def _distill(model, layers, targets, report, originals, hessians, adapter_name, steps, lr, progress, norms=()) -> None:
+def _distill(model, layers, targets, report, originals, hessians, adapter_name, steps, lr, progress, norms=(),
+             label_weight=0.0) -> None:
     """Phase 5: scale-only distillation of the merged layers, then the per-layer report of what was written."""
     # The forward must be the merged model: switch off only the QA-LoRA layers (model.disable_adapter()
     # would also swap modules_to_save back to their untrained originals).
@@ -617,9 +623,11 @@ def _distill(model, layers, targets, report, originals, hessians, adapter_name, 
     try:
         if lr == "auto":  # a first guess from the adapter, then the rate the held-out calibration batches prefer
             guess = distill_lr_guess(report.totals["shift_abs_median"])
-            report.distill = distill_scales_lr_search(model, names, targets, lr=guess, steps=steps, progress=progress, norms=norms)
+            report.distill = distill_scales_lr_search(model, names, targets, lr=guess, steps=steps, progress=progress, norms=norms,
+                                                      label_weight=label_weight)
         else:
-            report.distill = distill_scales(model, names, targets, steps=steps, lr=float(lr), progress=progress, norms=norms)
+            report.distill = distill_scales(model, names, targets, steps=steps, lr=float(lr), progress=progress, norms=norms,
+                                            label_weight=label_weight)
             report.distill["lr"] = float(lr)
     finally:
         for module in layers.values():

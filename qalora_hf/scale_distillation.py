@@ -217,6 +217,7 @@ def distill_scales(
     progress: bool = True,
     on_step: Optional[Callable[[int, float], None]] = None,
     norms: Sequence[str] = (),
+    label_weight: float = 0.0,
 ) -> dict:
     """Tune the fp16 scales of ``layer_names`` (GPTQ layers of ``model``) to match the teacher targets.
 
@@ -238,6 +239,10 @@ def distill_scales(
             jointly with the scales, as ``weight0 * (1 + u / maxq)`` at the same rate (norm tweaking: Li et al. 2023,
             "Norm Tweaking: High-performance Low-bit Quantization of Large Language Models", §3).  These weights are
             stored unquantised (float), so the checkpoint stays a standard GPTQ checkpoint.  Default: none.
+        label_weight: ``w`` in ``(1 - w) * KL + w * CE``, where CE is the cross-entropy (nats per counted token) on the
+            targets' next-token ``labels`` (distillation with hard targets, Hinton et al. 2015, §2; scales trained on the
+            task loss as in PEQA, Kim et al. 2023, §3, and EfficientQAT's E2E-QP, Chen et al. 2024, §3.3).  0 (default):
+            the KL alone.  Every target needs ``labels`` (:func:`teacher_topk` of batches with ``labels``).
 
     Returns:
         ``{"steps", "kl_first", "kl_last", "scales_changed", "norms_tuned", "diverged"}``: the mean top-k KL (nats per
@@ -249,6 +254,11 @@ def distill_scales(
     Memory: per tuned layer an integer copy of ``q - z`` (1 byte per weight, 2 for 8 bits) and a float32
     ``u`` per group, plus the layer inputs saved for backward.
     """
+    if not 0.0 <= label_weight <= 1.0:
+        raise ValueError(f"label_weight must be in [0, 1], got {label_weight}.")
+    if label_weight and any(t.labels is None for t in targets):
+        raise ValueError("label_weight > 0 needs next-token labels in every target: build them with teacher_topk() on "
+                         "batches that have 'labels', or use label_weight=0.")
     if not targets or steps <= 0:
         return {"steps": 0, "kl_first": None, "kl_last": None, "scales_changed": 0, "norms_tuned": 0, "diverged": False}
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -300,11 +310,18 @@ def distill_scales(
                     dev = out.logits.device
                     logp = torch.log_softmax(out.logits.float()[t.positions.to(dev)], dim=-1)  # [P, V]
                     kl = topk_kl(t.logprobs.to(dev).float(), logp.gather(-1, t.indices.to(dev).long()), t.rest.to(dev))
-                    diverged = not math.isfinite(float(kl.detach()))
+                    loss = kl
+                    if label_weight:  # hard targets: the next-token cross-entropy where the training loss counts one
+                        lab = t.labels.to(dev)
+                        keep = lab != IGNORE_INDEX
+                        if bool(keep.any()):
+                            ce = -logp[keep].gather(-1, lab[keep].view(-1, 1)).mean()
+                            loss = (1 - label_weight) * kl + label_weight * ce
+                    diverged = not math.isfinite(float(loss.detach()))
                     if diverged:
                         break
                     weight = int(t.positions.sum()) / total  # exactly 1.0 for a chunk of one batch
-                    (kl * weight).backward()
+                    (loss * weight).backward()
                 kl_sum += float(kl.detach()) * weight
             if diverged:
                 logger.warning("scale distillation diverged at step %d (non-finite KL): keeping the scales from before it; "
@@ -380,6 +397,7 @@ def distill_scales_lr_search(
     seed: int = 0,
     progress: bool = True,
     norms: Sequence[str] = (),
+    label_weight: float = 0.0,
 ) -> dict:
     """:func:`distill_scales` with the peak learning rate chosen on held-out calibration batches.
 
@@ -403,7 +421,7 @@ def distill_scales_lr_search(
             :func:`distill_scales` (the search, then the refit on every batch).
         holdout_every: the held-out batches are ``targets[holdout_every - 1 :: holdout_every]`` (at least one;
             with fewer than two batches there is no search: one run at ``lr`` on all of them).
-        steps / seed / progress / norms: as in :func:`distill_scales`; every run starts from the same norm weights too.
+        steps / seed / progress / norms / label_weight: as in :func:`distill_scales`; every run starts from the same norm weights too.
 
     Returns:
         The refit's :func:`distill_scales` dict plus ``"lr"`` (the rate chosen; None if the starting scales
@@ -412,7 +430,8 @@ def distill_scales_lr_search(
         scales') and ``"heldout_batches"``.
     """
     if len(targets) < 2:
-        return {**distill_scales(model, layer_names, targets, steps=steps, lr=lr, seed=seed, progress=progress, norms=norms),
+        return {**distill_scales(model, layer_names, targets, steps=steps, lr=lr, seed=seed, progress=progress, norms=norms,
+                              label_weight=label_weight),
                 "lr": lr, "lr_criterion": None, "lr_search": [], "heldout_kl_before": None, "heldout_loss_before": None,
                 "heldout_batches": 0}
     k = max(2, min(holdout_every, len(targets)))
@@ -442,7 +461,8 @@ def distill_scales_lr_search(
 
     def run(rate: float) -> float:
         restore(start)
-        out = distill_scales(model, layer_names, fit, steps=steps, lr=rate, seed=seed, progress=progress, norms=norms)
+        out = distill_scales(model, layer_names, fit, steps=steps, lr=rate, seed=seed, progress=progress, norms=norms,
+                             label_weight=label_weight)
         scores = {"kl": float("inf"), "loss": float("inf")} if out["diverged"] else heldout_scores(model, held)
         search.append({"lr": rate, "heldout_kl": scores["kl"], "heldout_loss": scores["loss"]})
         tried[rate] = scores[criterion]
@@ -466,7 +486,8 @@ def distill_scales_lr_search(
     if best["lr"] is None:  # no rate beat the starting scales on the held-out batches: keep them
         chosen = {"steps": 0, "kl_first": None, "kl_last": None, "scales_changed": 0, "norms_tuned": 0, "diverged": False}
     else:  # the chosen rate, refitted on every batch (held-out ones included: 1/8 more rows to fit)
-        chosen = distill_scales(model, layer_names, targets, steps=steps, lr=best["lr"], seed=seed, progress=progress, norms=norms)
+        chosen = distill_scales(model, layer_names, targets, steps=steps, lr=best["lr"], seed=seed, progress=progress, norms=norms,
+                                label_weight=label_weight)
         if chosen["diverged"]:  # cannot happen where the same rate converged on 7/8 of the rows; keep that run
             restore(best["scales"])
             chosen = {**best["run"], "scales_changed": sum(int((layers[n].scales != start[n]).sum()) for n in layers)}
