@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     from qalora_hf.merge import collect_hessians, merge_qalora, qalora_layers
     from qalora_hf.model import load_qalora_adapter
     from qalora_hf.gptq import load_gptq_model
-    from qalora_hf.scale_distillation import teacher_topk
+    from qalora_hf.data import forward_inputs
+    from qalora_hf.scale_distillation import heldout_scores, teacher_topk
     from qalora_hf.strategies import get_strategy
 
     data = args.data or str(default_cache_dir() / "data" / "alpaca_en_demo.json")
@@ -101,16 +102,22 @@ def main(argv=None) -> int:
     def evaluate(model):
         m = measure(model, holdout)  # per-row losses kept for the gain kept's standard error (gain_kept_se)
         out = {"heldout_loss": m.loss, "row_loss_sums": m.row_loss_sums, "row_tokens": m.row_tokens}
+        if holdout_targets:  # how far from the trained model: top-k KL to it on the held-out rows' loss positions
+            out["heldout_kl_to_trained"] = heldout_scores(model, holdout_targets)["kl"]
         if mmlu:
             out["mmlu_acc"] = mmlu_accuracy(model, tok, mmlu)
         return out
 
     peft_model = load_qalora_adapter(load_gptq_model(args.base), args.adapter).eval()
+    holdout_targets = []
+    with torch.no_grad():  # the trained model's top-k next-token log-probabilities on the held-out rows
+        targets_now = [teacher_topk(b, peft_model(**forward_inputs(b)).logits) for b in holdout]
     results = {}
     t = time.time()
     with peft_model.disable_adapter():
         results["base GPTQ"] = evaluate(peft_model)
     results["trained (adapter, unmerged)"] = evaluate(peft_model)
+    holdout_targets = targets_now
     print(f"base / trained evaluated ({time.time() - t:.0f}s): {_brief(results)}", flush=True)
     ref = float_reference(peft_model)
     results["float-merged reference"] = evaluate(ref)
@@ -145,7 +152,7 @@ def main(argv=None) -> int:
         # "distill@32@auto@loss@256": on 256 calibration rows; "distill@32@auto@loss@256@norms": with norm tweaking;
         # "...@bias": with bias correction after the integer merge; "...@keepcodes": the base's codes kept (diagnostic);
         # "...@cd4": up to 4 sweeps of coordinate descent on the codes after the GPTQ pass (QuantEase)
-        # "...@ce0.5": half KL, half cross-entropy on the labels (hard targets)
+        # "...@ce0.5": half KL, half cross-entropy on the labels (hard targets; default 0.05, "@ce0" = the KL alone)
         strategy, steps, lr, positions, count, extra = (name.split("@") + [""] * 5)[:6]
         # "rule": the earlier default, one run at 2 x the median shift (merge_qalora's first guess) on every batch
         lr = args.distill_lr if not lr else (lr if lr == "auto" else _rule_lr(peft_model) if lr == "rule" else float(lr))
@@ -154,8 +161,9 @@ def main(argv=None) -> int:
             strategy = dataclasses.replace(get_strategy(strategy), rechoose_codes=False)
         elif extra.startswith("cd"):  # "...@cd4": up to 4 sweeps of coordinate descent on the codes after the GPTQ pass
             strategy = dataclasses.replace(get_strategy(strategy), refine_codes=int(extra[2:] or 4))
-        # "...@ce0.5": distillation objective 0.5 * KL + 0.5 * cross-entropy on the calibration rows' labels
-        label_weight = float(extra[2:]) if extra.startswith("ce") else 0.0
+        # "...@ce0.5": distillation objective 0.5 * KL + 0.5 * cross-entropy on the calibration rows' labels; "...@ce0":
+        # the KL alone (the default before 2026-12-07's "Hard targets"); else merge_qalora's default (0.05)
+        label_weight = float(extra[2:]) if extra.startswith("ce") else None
         model = copy.deepcopy(peft_model)
         t = time.time()
         merged, report = merge_qalora(model, strategy=strategy, hessians=hessians, teacher_targets=targets_all if positions == "all" else targets,

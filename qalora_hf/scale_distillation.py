@@ -49,8 +49,9 @@ class TeacherTargets:
         indices: int32 [P, k], the token ids of those log-probabilities.
         rest: float32 [P], log of the teacher's probability mass outside the top-k (exact, from the logits).
         labels: int64 [P], the next token the training loss counts at each distilled position, ``IGNORE_INDEX``
-            (-100) where it counts none (only with ``loss_positions_only=False``), when the batch has ``labels``;
-            else None.  Only :func:`heldout_scores` reads them (the cross-entropy the learning-rate search scores).
+            (-100) where it counts none (with ``loss_positions_only=False``, or in a batch whose loss counts no token),
+            when the batch has ``labels``; else None.  Read by :func:`heldout_scores` (the cross-entropy the
+            learning-rate search scores) and by :func:`distill_scales`'s ``label_weight`` term.
     """
 
     batch: dict
@@ -78,9 +79,9 @@ def teacher_topk(batch: dict, logits: torch.Tensor, k: int = 32, loss_positions_
         nxt = torch.full(positions.shape, IGNORE_INDEX, dtype=torch.int64)
         nxt[:, :-1] = labels[:, 1:].cpu()
         counted = (nxt != IGNORE_INDEX) & positions
-        if bool(counted.any()):
-            positions = counted if loss_positions_only else positions
-            next_labels = nxt[positions]
+        if bool(counted.any()) and loss_positions_only:
+            positions = counted
+        next_labels = nxt[positions]  # all IGNORE_INDEX in a batch whose loss counts no token
     logp = torch.log_softmax(logits.detach().float(), dim=-1)[positions.to(logits.device)]
     vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
     rest = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)

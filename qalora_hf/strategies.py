@@ -48,7 +48,7 @@ STRATEGIES: dict[str, MergeStrategy] = {
         MergeStrategy("scales", refit_scales=True, rechoose_codes=True, distill=False,
                       summary="as gptq, after a calibration-weighted refit of the fp16 scales"),
         MergeStrategy("distill", refit_scales=True, rechoose_codes=True, distill=True,
-                      summary="scales, then scale-only distillation towards the trained model (default)"),
+                      summary="scales, then scale-only distillation towards the trained model and the labels (default)"),
     )
 }
 

@@ -1032,3 +1032,23 @@ def test_distill_label_weight_trains_the_scales_on_the_labels(load_tiny_gptq, ca
     with pytest.raises(ValueError, match="needs next-token labels"):
         distill_scales(model, names, no_labels, steps=2, progress=False, label_weight=0.5)
     assert all(torch.equal(model.get_submodule(n).scales, s) for n, s in scales.items())
+
+
+def test_merge_distill_label_weight_default_and_checks(load_tiny_gptq, calibration_batches):
+    """merge_qalora's distill_label_weight: None uses DISTILL_LABEL_WEIGHT on labelled calibration batches and the KL
+    alone without labels (report.distill["label_weight"]); a weight outside [0, 1], or above 0 without labels, is
+    refused before any layer is touched."""
+    from qalora_hf.merge import DISTILL_LABEL_WEIGHT
+
+    labelled = [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)} for b in calibration_batches]
+    for batches, want in ((labelled, DISTILL_LABEL_WEIGHT), (calibration_batches, 0.0)):
+        model = get_qalora_model(load_tiny_gptq(4, False, False), QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"]))
+        randomize_adapters(model, seed=5, shift_std=0.3)
+        _, report = merge_qalora(model, strategy="distill", calibration=batches, progress=False, distill_steps=2, distill_lr=1e-2)
+        assert report.distill["label_weight"] == want and not report.distill["diverged"]
+    for weight, batches, match in ((1.5, labelled, r"pass a number in \[0, 1\]"), (0.5, calibration_batches, "needs next-token 'labels'")):
+        model = get_qalora_model(load_tiny_gptq(4, False, False), QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"]))
+        before = {n: m.scales.clone() for n, m in gptq_layers(model).items()}
+        with pytest.raises(ValueError, match=match):
+            merge_qalora(model, strategy="distill", calibration=batches, progress=False, distill_label_weight=weight)
+        assert all(torch.equal(m.scales, before[n]) for n, m in gptq_layers(model).items())
