@@ -185,7 +185,8 @@ def fidelity_matrix_note(config: Optional[dict], matrix: Optional[dict] = None) 
             f"{f' (QLoRA-style re-quantisation: {qlora})' if qlora else ''}")
     if cell["gain_kept"] > 1:  # e.g. a base broken by 2-bit GPTQ: the scale distillation went on training
         note += (" (above 100 %: that export's held-out loss ended below the trained model's, so the figure shows "
-                 "extra fitting by the merge's scale distillation, not fidelity)")
+                 "extra fitting by the merge's scale distillation, which also trains on the calibration rows' labels, "
+                 "not fidelity)")
     summary = found["summary"] or {}
     if all(summary.get(k) is not None for k in ("cells", "min", "median")):
         note += (f"; across {summary['cells']} cells of the matrix: minimum {format_metric('gain_kept', summary['min'])}, "

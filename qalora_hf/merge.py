@@ -17,8 +17,8 @@ distillation (docs/merge.md has the math and the measurements):
     As ``"gptq"``, preceded by an ``H``-weighted least-squares refit of the fp16 group scales.
 ``"distill"`` (default)
     ``"scales"``, then scale-only distillation of the merged model towards the trained model's
-    next-token distribution (PEQA-style scale tuning, Kim et al. 2023;
-    :func:`qalora_hf.scale_distillation.distill_scales`).
+    next-token distribution and, with weight ``distill_label_weight`` (0.05), the calibration rows' labels
+    (PEQA-style scale tuning, Kim et al. 2023; :func:`qalora_hf.scale_distillation.distill_scales`).
 
 Every strategy keeps codes and zero-points in ``[0, 2**bits - 1]`` and leaves layers without an
 adapter bit-identical.

@@ -11,7 +11,9 @@ the normalisation layers too, which the checkpoint stores unquantised: norm twea
   Compressed Large Language Models via sub-4-bit Integer Quantization", §3);
 * the objective is knowledge distillation (Hinton et al. 2015) from the trained model (adapters
   unmerged) to the merged model, ``KL(p_teacher || p_student)`` over the teacher's top-``k`` tokens per
-  position plus one outcome for all other tokens (sparse distillation, :func:`topk_kl`);
+  position plus one outcome for all other tokens (sparse distillation, :func:`topk_kl`), with a weight
+  ``label_weight`` on the cross-entropy of the calibration rows' next-token labels (Hinton et al.'s hard targets;
+  the merge's default 0.05, :data:`qalora_hf.merge.DISTILL_LABEL_WEIGHT`);
 * the fp16 rounding of the stored scales is in the forward pass (straight-through estimator,
   Bengio et al. 2013), so what is optimised is what lands on disk.
 
