@@ -198,7 +198,9 @@ def measured(cell: Cell, root: Path = ROOT) -> Optional[dict]:
         name = "QLoRA-style" if key == REQUANT else key.removeprefix("export: ") if key.startswith("export: ") else None
         if name:
             out[name] = {"loss": r["heldout_loss"], "gain_kept": gain_kept(lb, lt, r["heldout_loss"]),
-                         "gain_kept_se": r.get("gain_kept_se")}  # over the held-out rows (measured since 2026-12-07)
+                         "gain_kept_se": r.get("gain_kept_se"),  # over the held-out rows (measured since 2026-12-07)
+                         # the distillation's hard-target weight; None: measured before it existed (the KL alone)
+                         "distill_label_weight": (r.get("distill") or {}).get("label_weight")}
     g = root / cell.name / "gguf.json"
     if g.is_file():  # bench/gguf_fidelity.py, base + adapter: gain kept against its own base/trained losses (same rows)
         data = json.loads(g.read_text())
@@ -242,7 +244,8 @@ def table(cells: list[Cell], strategies: list[str], root: Path = ROOT) -> tuple[
 def write_card_matrix(strategy: str, root: Path = ROOT, out: Optional[Path] = None) -> Path:
     """Write the package-data summary the model card cites (``qalora_hf/templates/fidelity_matrix.json``, read by
     ``qalora_hf/fidelity.py``): every design cell's ``gain`` (nats), ``gain_kept`` of ``strategy`` and of the
-    QLoRA-style baseline, the ``date`` it was measured, and the min/median over the cells with a gain >= MIN_GAIN.
+    QLoRA-style baseline, the distillation's ``distill_label_weight`` (None: measured before it existed, the KL
+    alone), the ``date`` it was measured, and the min/median over the cells with a gain >= MIN_GAIN.
 
     A cell measured on this machine (``bench/results/fidelity_matrix/<cell>/fidelity.json``) replaces the shipped
     entry; a shipped cell of the same ``strategy`` that is not on disk is kept as it was (results are git-ignored,
@@ -263,6 +266,7 @@ def write_card_matrix(strategy: str, root: Path = ROOT, out: Optional[Path] = No
         if row is not None and strategy in row:
             cells.append({"name": c.name, **asdict(c), "gain": row["gain"], "gain_kept": row[strategy]["gain_kept"],
                           "qlora_style_kept": row["QLoRA-style"]["gain_kept"] if "QLoRA-style" in row else None,
+                          "distill_label_weight": row[strategy]["distill_label_weight"],
                           "date": row["date"] or today})
         elif c.name in old:
             cells.append(old[c.name])

@@ -31,11 +31,12 @@ def test_design_is_a_pairwise_covering_array(fm):
     assert "bits=2 x group_size=32" in missing and "bits=2 x learning_rate=2e-05" in missing
 
 
-def _fidelity(root: Path, cell, base: float, trained: float, export: float, requant: float) -> None:
+def _fidelity(root: Path, cell, base: float, trained: float, export: float, requant: float, label_weight=None) -> None:
     d = root / cell.name
     d.mkdir(parents=True)
+    distill = {} if label_weight is None else {"distill": {"label_weight": label_weight}}
     res = {"base GPTQ": {"heldout_loss": base}, "trained (adapter, unmerged)": {"heldout_loss": trained},
-           "export: distill": {"heldout_loss": export}, "QLoRA-style: float-merge + fresh GPTQ": {"heldout_loss": requant}}
+           "export: distill": {"heldout_loss": export, **distill}, "QLoRA-style: float-merge + fresh GPTQ": {"heldout_loss": requant}}
     (d / "fidelity.json").write_text(json.dumps({"results": res}))
 
 
@@ -49,7 +50,7 @@ def test_card_matrix_keeps_unmeasured_cells_and_replaces_measured_ones(fm, tmp_p
     out.write_text(json.dumps(shipped))
     root = tmp_path / "results"
     _fidelity(root, demo, 2.0, 1.8, 1.802, 1.9)     # 99 % kept, QLoRA-style 50 %
-    _fidelity(root, third, 3.0, 2.0, 2.05, 2.5)     # 95 % kept
+    _fidelity(root, third, 3.0, 2.0, 2.05, 2.5, label_weight=0.05)     # 95 % kept
 
     fm.write_card_matrix("distill", root=root, out=out)
     got = json.loads(out.read_text())
@@ -60,6 +61,7 @@ def test_card_matrix_keeps_unmeasured_cells_and_replaces_measured_ones(fm, tmp_p
     assert by[demo.name]["gain"] == pytest.approx(0.2) and by[demo.name]["date"] == today
     assert by[weak.name] == {**shipped["cells"][1]}  # not on disk: kept as shipped, with its own date
     assert by[third.name]["gain_kept"] == pytest.approx(0.95)
+    assert by[third.name]["distill_label_weight"] == 0.05 and by[demo.name]["distill_label_weight"] is None
     assert got["summary"]["cells"] == 3 and got["summary"]["min"] == pytest.approx(0.7)
     assert got["summary"]["median"] == pytest.approx(0.95)
     assert not list(tmp_path.glob("*.tmp"))
