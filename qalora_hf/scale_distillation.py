@@ -317,9 +317,8 @@ def distill_scales(
                     if label_weight:  # hard targets: the next-token cross-entropy where the training loss counts one
                         lab = t.labels.to(dev)
                         keep = lab != IGNORE_INDEX
-                        if bool(keep.any()):
-                            ce = -logp[keep].gather(-1, lab[keep].view(-1, 1)).mean()
-                            loss = (1 - label_weight) * kl + label_weight * ce
+                        ce = -logp[keep].gather(-1, lab[keep].view(-1, 1)).mean() if bool(keep.any()) else kl.new_zeros(())
+                        loss = (1 - label_weight) * kl + label_weight * ce
                     diverged = not math.isfinite(float(loss.detach()))
                     if diverged:
                         break
