@@ -99,25 +99,23 @@ def main(argv=None) -> int:
     cal_rows = rows[: args.gptq_calibration]  # the QLoRA-style baseline's GPTQ rows
     mmlu = load_mmlu_subset(default_cache_dir() / "data" / "mmlu.jsonl", per_topic=args.mmlu_per_topic) if args.mmlu_per_topic else []
 
-    def evaluate(model):
+    def evaluate(model, kl_to_trained: bool = True):
         m = measure(model, holdout)  # per-row losses kept for the gain kept's standard error (gain_kept_se)
         out = {"heldout_loss": m.loss, "row_loss_sums": m.row_loss_sums, "row_tokens": m.row_tokens}
-        if holdout_targets:  # how far from the trained model: top-k KL to it on the held-out rows' loss positions
-            out["heldout_kl_to_trained"] = heldout_scores(model, holdout_targets)["kl"]
+        if kl_to_trained:  # how far from the trained model: top-k KL to it on the held-out rows' loss positions
+            out["heldout_kl_to_trained"] = heldout_scores(model, trained_targets)["kl"]
         if mmlu:
             out["mmlu_acc"] = mmlu_accuracy(model, tok, mmlu)
         return out
 
     peft_model = load_qalora_adapter(load_gptq_model(args.base), args.adapter).eval()
-    holdout_targets = []
     with torch.no_grad():  # the trained model's top-k next-token log-probabilities on the held-out rows
-        targets_now = [teacher_topk(b, peft_model(**forward_inputs(b)).logits) for b in holdout]
+        trained_targets = [teacher_topk(b, peft_model(**forward_inputs(b)).logits) for b in holdout]
     results = {}
     t = time.time()
     with peft_model.disable_adapter():
-        results["base GPTQ"] = evaluate(peft_model)
-    results["trained (adapter, unmerged)"] = evaluate(peft_model)
-    holdout_targets = targets_now
+        results["base GPTQ"] = evaluate(peft_model, kl_to_trained=False)
+    results["trained (adapter, unmerged)"] = evaluate(peft_model, kl_to_trained=False)
     print(f"base / trained evaluated ({time.time() - t:.0f}s): {_brief(results)}", flush=True)
     ref = float_reference(peft_model)
     results["float-merged reference"] = evaluate(ref)

@@ -315,10 +315,8 @@ def distill_scales(
                     kl = topk_kl(t.logprobs.to(dev).float(), logp.gather(-1, t.indices.to(dev).long()), t.rest.to(dev))
                     loss = kl
                     if label_weight:  # hard targets: the next-token cross-entropy where the training loss counts one
-                        lab = t.labels.to(dev)
-                        keep = lab != IGNORE_INDEX
-                        ce = -logp[keep].gather(-1, lab[keep].view(-1, 1)).mean() if bool(keep.any()) else kl.new_zeros(())
-                        loss = (1 - label_weight) * kl + label_weight * ce
+                        nll, n = _label_nll(logp, t.labels.to(dev))
+                        loss = (1 - label_weight) * kl + label_weight * (nll / max(n, 1))
                     diverged = not math.isfinite(float(loss.detach()))
                     if diverged:
                         break
@@ -357,6 +355,13 @@ def distill_scales(
             "norms_tuned": norms_tuned, "diverged": diverged}
 
 
+def _label_nll(logp: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy (nats) of ``logp`` [P, V] on ``labels`` [P] (``IGNORE_INDEX`` skipped), and the
+    number of labels counted."""
+    keep = labels != IGNORE_INDEX
+    return -logp[keep].gather(-1, labels[keep].view(-1, 1)).sum(), int(keep.sum())
+
+
 def heldout_scores(model: nn.Module, targets: list[TeacherTargets]) -> dict:
     """``{"kl", "loss"}`` of ``model`` on ``targets``, forward only, in eval mode: the mean top-k KL to the teacher
     (:func:`topk_kl`, nats per distilled position) and the mean next-token cross-entropy on the labels (nats per
@@ -376,10 +381,8 @@ def heldout_scores(model: nn.Module, targets: list[TeacherTargets]) -> dict:
                 n = int(t.positions.sum())
                 kl_sum, count = kl_sum + float(kl) * n, count + n
                 if with_labels:
-                    lab = t.labels.to(dev)
-                    keep = lab != IGNORE_INDEX
-                    ce_sum += float(-logp[keep].gather(-1, lab[keep].view(-1, 1)).sum())
-                    ce_count += int(keep.sum())
+                    nll, n = _label_nll(logp, t.labels.to(dev))
+                    ce_sum, ce_count = ce_sum + float(nll), ce_count + n
     finally:
         model.train(was_training)
     if not count:
