@@ -417,7 +417,10 @@ def distill_scales_lr_search(
     (On SmolLM2-135M, fitting 7/8 of 128 rows instead of all of them cost 0.5 points of gain kept at the same
     rate, docs/fidelity_matrix.md.)  Why not the KL when labels exist: on SmolLM2-135M (INT4, group 64,
     symmetric, act-order) the held-out KL was lowest at a rate whose merge kept 95 % of the gain, and 3x higher at
-    the rate that kept 98 % (docs/fidelity_matrix.md).
+    the rate that kept 98 % (docs/fidelity_matrix.md).  The KL still bounds the choice (fidelity guard): under the
+    cross-entropy criterion a run whose held-out KL ends above the starting scales' is rejected, since it has moved
+    the merge further from the trained model than where it started, however low its loss (with ``label_weight`` > 0
+    and a small gain, the label term alone can do that: docs/fidelity_matrix.md, "The fidelity guard").
 
     Args:
         lr: the first peak learning rate tried (> 0).
@@ -431,7 +434,7 @@ def distill_scales_lr_search(
     Returns:
         The refit's :func:`distill_scales` dict plus ``"lr"`` (the rate chosen; None if the starting scales
         were kept), ``"lr_criterion"`` (``"loss"`` or ``"kl"``), ``"lr_search"`` (list of ``{"lr", "heldout_kl",
-        "heldout_loss"}`` per run, in order), ``"heldout_kl_before"`` / ``"heldout_loss_before"`` (the starting
+        "heldout_loss", "rejected"}`` per run, in order; ``rejected``: by the fidelity guard), ``"heldout_kl_before"`` / ``"heldout_loss_before"`` (the starting
         scales') and ``"heldout_batches"``.
     """
     if len(targets) < 2:
@@ -469,9 +472,14 @@ def distill_scales_lr_search(
         out = distill_scales(model, layer_names, fit, steps=steps, lr=rate, seed=seed, progress=progress, norms=norms,
                              label_weight=label_weight)
         scores = {"kl": float("inf"), "loss": float("inf")} if out["diverged"] else heldout_scores(model, held)
-        search.append({"lr": rate, "heldout_kl": scores["kl"], "heldout_loss": scores["loss"]})
-        tried[rate] = scores[criterion]
-        logger.info("scale distillation at lr %.3g: held-out %s %.5f (before: %.5f)", rate, criterion, tried[rate], before[criterion])
+        # Fidelity guard: a run whose held-out KL to the trained model ends above the starting scales' has moved the
+        # merge away from the fine-tuning (the label term fitting the calibration rows), however low its loss.
+        rejected = criterion == "loss" and not scores["kl"] <= before["kl"]
+        search.append({"lr": rate, "heldout_kl": scores["kl"], "heldout_loss": scores["loss"], "rejected": rejected})
+        tried[rate] = float("inf") if rejected else scores[criterion]
+        logger.info("scale distillation at lr %.3g: held-out %s %.5f, KL %.6f (before: %.5f, KL %.6f)%s", rate, criterion,
+                    scores[criterion], scores["kl"], before[criterion], before["kl"],
+                    " - rejected: further from the trained model than the starting scales" if rejected else "")
         if tried[rate] < best["score"]:
             best.update(score=tried[rate], lr=rate, scales=snapshot(), run=out)
         return tried[rate]

@@ -500,8 +500,10 @@ def test_distill_lr_search_writes_the_best_held_out_run(load_tiny_gptq, calibrat
         targets_all.append(teacher_topk(b, logits, loss_positions_only=False))  # every position, labels to score
 
     hessians = collect_hessians(pm, [f"{n}.base_layer" for n in qalora_layers(pm)], batches, on_output=record)
+    # The KL alone (label_weight=0): on this random model the labels are noise, and the label term's runs all end
+    # further from the teacher (the fidelity guard's test below).
     merged, report = merge_qalora(copy.deepcopy(pm), strategy="distill", hessians=hessians, teacher_targets=targets, progress=False,
-                                  distill_steps=12)
+                                  distill_steps=12, distill_label_weight=0.0)
     scales_only, _ = merge_qalora(copy.deepcopy(pm), strategy="scales", hessians=hessians, progress=False)
     held = batches[3]
 
@@ -511,7 +513,9 @@ def test_distill_lr_search_writes_the_best_held_out_run(load_tiny_gptq, calibrat
         return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), held["labels"][:, 1:].flatten(), ignore_index=-100))
 
     assert report.distill["lr_criterion"] == "loss"
-    best = min(report.distill["lr_search"], key=lambda r: r["heldout_loss"])
+    kept = [r for r in report.distill["lr_search"] if not r["rejected"]]  # the fidelity guard: see the next test
+    assert all(r["heldout_kl"] <= report.distill["heldout_kl_before"] for r in kept)
+    best = min(kept, key=lambda r: r["heldout_loss"])
     assert report.distill["lr"] == best["lr"] and best["heldout_loss"] < report.distill["heldout_loss_before"]
     assert loss(scales_only) == pytest.approx(report.distill["heldout_loss_before"], rel=1e-4)
     assert heldout_scores(scales_only, targets[3:4])["loss"] == pytest.approx(loss(scales_only), rel=1e-4)
@@ -519,10 +523,45 @@ def test_distill_lr_search_writes_the_best_held_out_run(load_tiny_gptq, calibrat
     assert heldout_scores(scales_only, targets_all[3:4])["loss"] == pytest.approx(loss(scales_only), rel=1e-4)
     assert int(targets_all[3].positions.sum()) > int(targets[3].positions.sum())
     refit, _ = merge_qalora(copy.deepcopy(pm), strategy="distill", hessians=hessians, teacher_targets=targets, progress=False,
-                            distill_steps=12, distill_lr=best["lr"])
+                            distill_steps=12, distill_lr=best["lr"], distill_label_weight=0.0)
     for (n, a), b in zip(gptq_layers(merged).items(), gptq_layers(refit).values()):
         assert torch.equal(a.scales, b.scales), n
     assert loss(merged) == loss(refit)
+
+
+def test_distill_lr_search_fidelity_guard_rejects_runs_that_leave_the_teacher(load_tiny_gptq, calibration_batches):
+    """The fidelity guard: trained on the labels alone (label_weight=1), the distillation lowers the held-out
+    cross-entropy while its held-out KL to the trained model rises above the starting scales'.  Such a run is
+    rejected whatever its loss: the rate kept is the lowest-loss run among those whose KL did not rise, or none (the
+    starting scales are kept, bit for bit)."""
+    from qalora_hf.merge import collect_hessians
+    from qalora_hf.scale_distillation import teacher_topk
+
+    batches = [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)} for b in calibration_batches]
+    model = fp32_scales(load_tiny_gptq(4, False, False))
+    with torch.no_grad():
+        model.model.norm.weight.mul_(30.0)
+    pm = get_qalora_model(model, QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "down_proj"]))
+    randomize_adapters(pm, seed=13, shift_std=0.3)
+    targets = []
+    hessians = collect_hessians(pm, [f"{n}.base_layer" for n in qalora_layers(pm)], batches,
+                                on_output=lambda b, logits: targets.append(teacher_topk(b, logits)))
+    start, _ = merge_qalora(copy.deepcopy(pm), strategy="scales", hessians=hessians, progress=False)
+    merged, report = merge_qalora(copy.deepcopy(pm), strategy="distill", hessians=hessians, teacher_targets=targets,
+                                  progress=False, distill_steps=12, distill_label_weight=1.0)
+    d = report.distill
+    assert d["lr_criterion"] == "loss" and d["label_weight"] == 1.0
+    for r in d["lr_search"]:
+        assert r["rejected"] == (r["heldout_kl"] > d["heldout_kl_before"])
+    rejected = [r for r in d["lr_search"] if r["rejected"]]
+    assert rejected and any(r["heldout_loss"] < d["heldout_loss_before"] for r in rejected)  # lower loss, yet refused
+    kept = [r for r in d["lr_search"] if not r["rejected"] and r["heldout_loss"] < d["heldout_loss_before"]]
+    if kept:
+        assert d["lr"] == min(kept, key=lambda r: r["heldout_loss"])["lr"]
+    else:
+        assert d["lr"] is None and d["scales_changed"] == 0
+        for (n, a), b in zip(gptq_layers(merged).items(), gptq_layers(start).values()):
+            assert torch.equal(a.scales, b.scales), n
 
 
 def test_teacher_targets_at_the_loss_positions(tiny_tok):
