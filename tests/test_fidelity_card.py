@@ -119,7 +119,8 @@ def test_shipped_matrix_is_well_formed():
     for cell in matrix["cells"]:
         assert set(CELL_KEYS) <= set(cell), cell
         assert isinstance(cell["bits"], int) and isinstance(cell["sym"], bool) and isinstance(cell["desc_act"], bool)
-        assert cell["gain_kept"] is None or 0 <= cell["gain_kept"] <= 1.5, cell
+        # up to 2: extra fitting by the hard-target distillation on a small gain reaches 150 % (lr-2e-5 3-bit cell)
+        assert cell["gain_kept"] is None or 0 <= cell["gain_kept"] <= 2.0, cell
     if matrix["cells"]:
         assert matrix["date"] and all(matrix["summary"].get(k) is not None for k in ("cells", "min", "median"))
         names = [c["name"] for c in matrix["cells"]]
