@@ -434,8 +434,8 @@ def distill_scales_lr_search(
     Returns:
         The refit's :func:`distill_scales` dict plus ``"lr"`` (the rate chosen; None if the starting scales
         were kept), ``"lr_criterion"`` (``"loss"`` or ``"kl"``), ``"lr_search"`` (list of ``{"lr", "heldout_kl",
-        "heldout_loss", "rejected"}`` per run, in order; ``rejected``: by the fidelity guard), ``"heldout_kl_before"`` / ``"heldout_loss_before"`` (the starting
-        scales') and ``"heldout_batches"``.
+        "heldout_loss", "rejected"}`` per run, in order; ``rejected``: by the fidelity guard),
+        ``"heldout_kl_before"`` / ``"heldout_loss_before"`` (the starting scales') and ``"heldout_batches"``.
     """
     if len(targets) < 2:
         return {**distill_scales(model, layer_names, targets, steps=steps, lr=lr, seed=seed, progress=progress, norms=norms,
