@@ -458,9 +458,9 @@ def merge_qalora(
             (:func:`qalora_hf.scale_distillation.distill_scales_lr_search`: every 8th batch is held out; 2-3
             distillations starting at ``DISTILL_LR_PER_SHIFT *`` the median over layers of each layer's median
             ``|t|``, floored at ``1e-4``, then 3x larger or smaller; docs/merge.md).  A number runs one
-            distillation at that rate on every batch.  The hard-target weight used is in ``report.distill["label_weight"]``, the rate in ``report.distill["lr"]`` (None
-            when no distillation beat the ``"scales"`` merge on the held-out batches), the search in
-            ``report.distill["lr_search"]``.
+            distillation at that rate on every batch.  The hard-target weight used is in
+            ``report.distill["label_weight"]``, the rate in ``report.distill["lr"]`` (None when no distillation
+            beat the ``"scales"`` merge on the held-out batches), the search in ``report.distill["lr_search"]``.
         distill_norms: also tune the per-channel weights of the model's normalisation layers in the distillation
             (norm tweaking, :func:`qalora_hf.scale_distillation.norm_layers`); they are stored unquantised, so the
             checkpoint stays a standard GPTQ one.  Off by default: on the demo's SmolLM2-135M adapter it kept 98.76 % of

@@ -473,20 +473,17 @@ def test_distill_auto_lr_search_starts_at_the_shift_size(load_tiny_gptq, calibra
     assert first[0.03] == pytest.approx(first[0.3] / 10, rel=0.2)
 
 
-def test_distill_lr_search_writes_the_best_held_out_run(load_tiny_gptq, calibration_batches):
-    """With labels, the rate is chosen on the held-out batch's cross-entropy (targets[3::4] of 4): the starting loss
-    reported is the 'scales' merge's, recomputed with F.cross_entropy on the shifted labels; the rate kept is the
-    tried one with the lowest held-out loss, which beats the start; the scales written are bit-identical to one
-    distillation at that rate on every batch (the refit)."""
-    import torch.nn.functional as F
-
+def _labelled_distill_setup(load_tiny_gptq, calibration_batches, prompt_tokens: int):
+    """A sharpened tiny INT4 model with random adapters, its calibration batches with labels (the first
+    ``prompt_tokens`` and the padding ignored), their Hessians and the teacher's top-k targets at the loss positions
+    and at every position."""
     from qalora_hf.merge import collect_hessians
-    from qalora_hf.scale_distillation import heldout_scores, teacher_topk
+    from qalora_hf.scale_distillation import teacher_topk
 
     batches = []
-    for b in calibration_batches:  # a 3-token "prompt" the loss ignores, and no loss on padding
+    for b in calibration_batches:
         labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
-        labels[:, :3] = -100
+        labels[:, :prompt_tokens] = -100
         batches.append({**b, "labels": labels})
     model = fp32_scales(load_tiny_gptq(4, False, False))
     with torch.no_grad():
@@ -500,6 +497,19 @@ def test_distill_lr_search_writes_the_best_held_out_run(load_tiny_gptq, calibrat
         targets_all.append(teacher_topk(b, logits, loss_positions_only=False))  # every position, labels to score
 
     hessians = collect_hessians(pm, [f"{n}.base_layer" for n in qalora_layers(pm)], batches, on_output=record)
+    return pm, batches, hessians, targets, targets_all
+
+
+def test_distill_lr_search_writes_the_best_held_out_run(load_tiny_gptq, calibration_batches):
+    """With labels, the rate is chosen on the held-out batch's cross-entropy (targets[3::4] of 4): the starting loss
+    reported is the 'scales' merge's, recomputed with F.cross_entropy on the shifted labels; the rate kept is the
+    tried one with the lowest held-out loss, which beats the start; the scales written are bit-identical to one
+    distillation at that rate on every batch (the refit)."""
+    import torch.nn.functional as F
+
+    from qalora_hf.scale_distillation import heldout_scores
+
+    pm, batches, hessians, targets, targets_all = _labelled_distill_setup(load_tiny_gptq, calibration_batches, prompt_tokens=3)
     # The KL alone (label_weight=0): on this random model the labels are noise, and the label term's runs all end
     # further from the teacher (the fidelity guard's test below).
     merged, report = merge_qalora(copy.deepcopy(pm), strategy="distill", hessians=hessians, teacher_targets=targets, progress=False,
@@ -534,18 +544,7 @@ def test_distill_lr_search_fidelity_guard_rejects_runs_that_leave_the_teacher(lo
     cross-entropy while its held-out KL to the trained model rises above the starting scales'.  Such a run is
     rejected whatever its loss: the rate kept is the lowest-loss run among those whose KL did not rise, or none (the
     starting scales are kept, bit for bit)."""
-    from qalora_hf.merge import collect_hessians
-    from qalora_hf.scale_distillation import teacher_topk
-
-    batches = [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)} for b in calibration_batches]
-    model = fp32_scales(load_tiny_gptq(4, False, False))
-    with torch.no_grad():
-        model.model.norm.weight.mul_(30.0)
-    pm = get_qalora_model(model, QALoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "down_proj"]))
-    randomize_adapters(pm, seed=13, shift_std=0.3)
-    targets = []
-    hessians = collect_hessians(pm, [f"{n}.base_layer" for n in qalora_layers(pm)], batches,
-                                on_output=lambda b, logits: targets.append(teacher_topk(b, logits)))
+    pm, _, hessians, targets, _ = _labelled_distill_setup(load_tiny_gptq, calibration_batches, prompt_tokens=0)
     start, _ = merge_qalora(copy.deepcopy(pm), strategy="scales", hessians=hessians, progress=False)
     merged, report = merge_qalora(copy.deepcopy(pm), strategy="distill", hessians=hessians, teacher_targets=targets,
                                   progress=False, distill_steps=12, distill_label_weight=1.0)
