@@ -228,16 +228,17 @@ def table(cells: list[Cell], strategies: list[str], root: Path = ROOT) -> tuple[
                 cells_out.append(("no Q4_1 (act-order)" if c.desc_act else "no Q4_1") if s in (GGUF, GGUF_LLAMA) and not gguf_holds(c) else "")
                 continue
             kept = row[s]["gain_kept"]
-            mark = "" if s == "QLoRA-style" or gain < MIN_GAIN else (" ✓" if kept >= GOAL else f" (−{100 * (GOAL - kept):.1f})")
+            digits = 2 if s in (GGUF, GGUF_LLAMA) else 1  # the GGUF rows sit within a few hundredths of a point of 100 %
+            mark = "" if s == "QLoRA-style" or gain < MIN_GAIN else (" ✓" if kept >= GOAL else f" (−{100 * (GOAL - kept):.{digits}f})")
             se = row[s].get("gain_kept_se")
-            cells_out.append(f"{100 * kept:.{2 if s in (GGUF, GGUF_LLAMA) else 1}f}%" + (f" ± {100 * se:.1f}" if se else "") + mark)
+            cells_out.append(f"{100 * kept:.{digits}f}%" + (f" ± {100 * se:.1f}" if se else "") + mark)
             if s in summary and gain >= MIN_GAIN and c in DESIGN:
                 summary[s].append(kept)
         rows[c.name] = row
         lines.append("| " + " | ".join(cells_out) + " |")
     stats = {s: {"cells": len(v), "min": min(v), "median": statistics.median(v)} for s, v in summary.items() if v}
-    foot = [f"{s}: min {100 * v['min']:.1f} %, median {100 * v['median']:.1f} % over {v['cells']} cells with a gain "
-            f">= {MIN_GAIN} nats (design cells only)" for s, v in stats.items()]
+    foot = [f"{s}: min {100 * v['min']:.{d}f} %, median {100 * v['median']:.{d}f} % over {v['cells']} cells with a gain "
+            f">= {MIN_GAIN} nats (design cells only)" for s, v in stats.items() for d in [2 if s in (GGUF, GGUF_LLAMA) else 1]]
     return "\n".join(lines + [""] + foot), {"rows": rows, "summary": stats}
 
 

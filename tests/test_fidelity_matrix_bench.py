@@ -88,3 +88,9 @@ def test_table_reads_the_gguf_export_of_base_plus_adapter(fm, tmp_path):
     assert "98.5% (−0.5)" in lines[demo.name] and "99.95% ✓" in lines[demo.name] and "99.00% ✓" in lines[demo.name]
     assert lines[act.name].count("no Q4_1 (act-order)") == 2
     assert payload["summary"][fm.GGUF] == {"cells": 1, "min": pytest.approx(0.9995), "median": pytest.approx(0.9995)}
+
+    # A GGUF miss of a few hundredths of a point reads as one, not as "(−0.0)" or a rounded-up 99.0 % minimum.
+    gguf = json.loads((root / demo.name / "gguf.json").read_text())
+    (root / demo.name / "gguf.json").write_text(json.dumps({**gguf, "gain_kept_llama_cpp": 0.9896}))
+    md, _ = fm.table([demo, act], ["distill"], root)
+    assert "98.96% (−0.04)" in md and f"{fm.GGUF_LLAMA}: min 98.96 %" in md
