@@ -210,6 +210,11 @@ def measured(cell: Cell, root: Path = ROOT) -> Optional[dict]:
     return out
 
 
+def _digits(column: str) -> int:
+    """Decimals of a gain-kept percentage: two for the GGUF columns, which sit within hundredths of a point of 100 %."""
+    return 2 if column in (GGUF, GGUF_LLAMA) else 1
+
+
 def table(cells: list[Cell], strategies: list[str], root: Path = ROOT) -> tuple[str, dict]:
     head = ["cell", "bits", "group", "sym", "act-order", "r", "lr", "steps", "base", "trained", "gain (nats)"]
     head += [f"{s} kept" for s in strategies] + ["QLoRA-style kept", f"{GGUF} kept", f"{GGUF_LLAMA} kept"]
@@ -228,7 +233,7 @@ def table(cells: list[Cell], strategies: list[str], root: Path = ROOT) -> tuple[
                 cells_out.append(("no Q4_1 (act-order)" if c.desc_act else "no Q4_1") if s in (GGUF, GGUF_LLAMA) and not gguf_holds(c) else "")
                 continue
             kept = row[s]["gain_kept"]
-            digits = 2 if s in (GGUF, GGUF_LLAMA) else 1  # the GGUF rows sit within a few hundredths of a point of 100 %
+            digits = _digits(s)
             mark = "" if s == "QLoRA-style" or gain < MIN_GAIN else (" ✓" if kept >= GOAL else f" (−{100 * (GOAL - kept):.{digits}f})")
             se = row[s].get("gain_kept_se")
             cells_out.append(f"{100 * kept:.{digits}f}%" + (f" ± {100 * se:.1f}" if se else "") + mark)
@@ -237,8 +242,8 @@ def table(cells: list[Cell], strategies: list[str], root: Path = ROOT) -> tuple[
         rows[c.name] = row
         lines.append("| " + " | ".join(cells_out) + " |")
     stats = {s: {"cells": len(v), "min": min(v), "median": statistics.median(v)} for s, v in summary.items() if v}
-    foot = [f"{s}: min {100 * v['min']:.{d}f} %, median {100 * v['median']:.{d}f} % over {v['cells']} cells with a gain "
-            f">= {MIN_GAIN} nats (design cells only)" for s, v in stats.items() for d in [2 if s in (GGUF, GGUF_LLAMA) else 1]]
+    foot = [f"{s}: min {100 * v['min']:.{_digits(s)}f} %, median {100 * v['median']:.{_digits(s)}f} % over {v['cells']} "
+            f"cells with a gain >= {MIN_GAIN} nats (design cells only)" for s, v in stats.items()]
     return "\n".join(lines + [""] + foot), {"rows": rows, "summary": stats}
 
 
