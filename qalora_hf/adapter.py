@@ -1,11 +1,11 @@
 """The QA-LoRA adapter on a GPTQ layer: group pooling by ``g_idx``, forward and dense delta.
 
 Math (Xu et al. 2023, arXiv 2309.14717, §3.3 and Algorithm 1; docs/merge.md).  For a GPTQ layer with
-``in_features`` K, ``out_features`` N, ``group_size`` g and G = K / g groups, the adapter holds
+``in_features`` K, ``out_features`` N, ``group_size`` g and G = ceil(K / g) groups, the adapter holds
 ``lora_A`` [r, G] and ``lora_B`` [N, r] and computes::
 
     y = base(x) + scaling * lora_B(lora_A(P(x)))
-    P(x)[l] = c * mean(x[i] for i with g_idx[i] == l),   c = K / g   (= G)
+    P(x)[l] = c * mean(x[i] for i with g_idx[i] == l),   c = G
 
 We use PEFT's constant ``c = K/g`` (``QALoraLinearVariant`` multiplies the group mean by the number of
 groups), so adapter files are interchangeable with stock PEFT ``LoraConfig(use_qalora=True,
@@ -13,13 +13,19 @@ qalora_group_size=g)`` and, on models without act-order, stock PEFT computes the
 paper sums, ``c = g``; the official code averages, ``c = 1``; all three differ only by a constant
 absorbed into ``lora_A``.)
 
+A ragged last group (K not a multiple of g, e.g. SmolLM2-135M's K = 576 with g = 128: four groups of 128
+and one of 64) is what GPTQ quantises there (gptqmodel stores ``ceil(K / g)`` rows of ``scales`` and
+``qzeros``); its pooled feature is the mean over its own n_G < g channels, still times ``c = G``.  Stock
+PEFT reshapes by ``K // g`` and cannot run such a layer; adapters of models whose adapted layers all have
+K a multiple of g stay interchangeable with it.
+
 Unlike PEFT and the official code, pooling follows ``g_idx`` rather than contiguous blocks, so the
 pooling groups are exactly the quantisation groups also under act-order (``desc_act=True``), which
 is what makes the adapter mergeable into the zero-points.
 
 The equivalent dense update is constant inside each quantisation group::
 
-    dW[o, i] = scaling * (c / g) * (lora_B @ lora_A)[o, g_idx[i]]
+    dW[o, i] = scaling * (c / n_l) * (lora_B @ lora_A)[o, l],   l = g_idx[i],  n_l = channels in group l
 
 :func:`group_delta` returns it as ``D[l, o]`` of shape [G, N].
 """
@@ -41,27 +47,31 @@ def gptq_group_size(base_layer) -> int:
     return base_layer.in_features if g in (-1, 0) else g
 
 
+def group_counts(in_features: int, group_size: int) -> list[int]:
+    """Channels per quantisation group as GPTQ forms them: ``ceil(K / g)`` groups of ``g``, the last one holding
+    the remaining ``K - (G - 1) * g`` (ragged when ``K`` is not a multiple of ``g``)."""
+    groups = -(-in_features // group_size)
+    return [group_size] * (groups - 1) + [in_features - (groups - 1) * group_size]
+
+
 def pooling_permutation(g_idx: torch.Tensor, group_size: int, layer_name: str = "layer") -> Optional[torch.Tensor]:
     """Input-channel order that makes every quantisation group contiguous, or None if already so.
 
     Args:
         g_idx: int ``[K]``, the group of each input channel.
-        group_size: g; every group must hold exactly g channels.
+        group_size: g; groups ``0 .. G-2`` must hold exactly g channels and the last ``K - (G-1) g``
+            (:func:`group_counts`, G = ceil(K / g)).
 
     Raises:
-        ValueError: ``K`` is not a multiple of ``group_size``, or ``g_idx`` has a group of another size.
+        ValueError: ``g_idx`` does not split the channels that way (a group_size other than the checkpoint's).
     """
     k = g_idx.numel()
-    if k % group_size:
-        raise ValueError(
-            f"{layer_name}: in_features={k} is not a multiple of group_size={group_size}; QA-LoRA pools whole "
-            "quantisation groups. Quantise with a group_size that divides in_features, or leave this layer out of target_modules."
-        )
+    want = group_counts(k, group_size)
     g_idx = g_idx.detach().to("cpu", torch.int64)
-    counts = torch.bincount(g_idx, minlength=k // group_size)
-    if counts.numel() != k // group_size or not bool((counts == group_size).all()):
+    counts = torch.bincount(g_idx, minlength=len(want))
+    if counts.tolist() != want:
         raise ValueError(
-            f"{layer_name}: g_idx does not split the {k} input channels into {k // group_size} groups of {group_size}; "
+            f"{layer_name}: g_idx does not split the {k} input channels into groups of {want[0]} (the last of {want[-1]}); "
             "the pooling group must equal the GPTQ group. Check group_size against the model's quantization_config."
         )
     if torch.equal(g_idx, torch.arange(k) // group_size):
@@ -94,9 +104,10 @@ class QALoraGPTQVariant(LoraVariant):
         if "qalora_group_size" not in module.other_param_names:
             module.other_param_names = module.other_param_names + ("qalora_group_size",)
         module.register_buffer("qalora_perm", None if perm is None else perm.to(base.g_idx.device), persistent=False)
+        counts = group_counts(base.in_features, g)
         old = module.lora_A[adapter_name]
         module.lora_A[adapter_name] = nn.Linear(
-            base.in_features // g, old.out_features, bias=False, device=old.weight.device, dtype=old.weight.dtype
+            len(counts), old.out_features, bias=False, device=old.weight.device, dtype=old.weight.dtype
         )
         init = config.init_lora_weights
         if init:  # PEFT's init, re-applied to the pooled lora_A (stock PEFT discards it here)
@@ -111,9 +122,15 @@ class QALoraGPTQVariant(LoraVariant):
         x = dropout(x)
         if module.qalora_perm is not None:
             x = x.index_select(-1, module.qalora_perm)
-        groups = x.shape[-1] // g
-        summed = x.reshape(*x.shape[:-1], groups, g).sum(dim=-1)
-        # P(x) = (K/g) * group mean = (G/g) * group sum; the constant rides on the final scaled add,
+        k = x.shape[-1]
+        full = k // g
+        summed = x[..., : full * g].reshape(*x.shape[:-1], full, g).sum(dim=-1)
+        groups = full
+        if full * g != k:  # ragged last group: its sum, weighted by g / n_G (so every pooled feature is g * mean)
+            tail = x[..., full * g :].sum(dim=-1, keepdim=True) * (g / (k - full * g))
+            summed = torch.cat([summed, tail], dim=-1)
+            groups = full + 1
+        # P(x) = G * group mean = (G/g) * (g * group mean); the constant rides on the final scaled add,
         # so no full-size multiply is spent on it (one fused add on the [..., N] output).
         return torch.add(result, lora_B(lora_A(summed)), alpha=module.scaling[active_adapter] * groups / g)
 
@@ -156,8 +173,8 @@ def group_delta(module: nn.Module, adapter_name: str = "default") -> torch.Tenso
             "this stock PEFT use_qalora adapter pools contiguous channels, but the layer uses act-order (g_idx is "
             "permuted): its update is not constant inside quantisation groups and cannot be merged. Train with qalora_hf."
         )
-    k = base.in_features
+    counts = torch.tensor(group_counts(base.in_features, g), dtype=torch.float32)  # n_l
     a = module.lora_A[adapter_name].weight.detach().float()  # [r, G]
     b = module.lora_B[adapter_name].weight.detach().float()  # [N, r]
-    c = k // g
-    return (module.scaling[adapter_name] * c / g) * (b @ a).t().contiguous()
+    c = counts.numel()
+    return (module.scaling[adapter_name] * c / counts.to(a.device)).unsqueeze(1) * (b @ a).t()

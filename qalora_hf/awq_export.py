@@ -140,9 +140,6 @@ def _check_layer(name: str, layer, group_size: int) -> None:
     if int(layer.group_size) != group_size:
         raise AwqExportError(f"layer {name} has group_size={int(layer.group_size)}, the model {group_size}; AWQ's config "
                              f"has one group size for all layers. Write the model with {_GPTQ_INSTEAD}.")
-    if k % group_size:
-        raise AwqExportError(f"layer {name} has in_features={k}, not a multiple of group_size={group_size}; AWQ has no "
-                             f"partial groups. Write the model with {_GPTQ_INSTEAD}.")
     if n % AWQ_PACK:
         raise AwqExportError(f"layer {name} has out_features={n}, not a multiple of {AWQ_PACK}; AWQ packs 8 outputs per "
                              f"int32. Write the model with {_GPTQ_INSTEAD}.")
@@ -190,7 +187,24 @@ def check_awq_exportable(model) -> tuple[int, dict[str, torch.nn.Module]]:
             raise AwqExportError(f"layer {name} (the output embedding) is quantised; transformers' AWQ loader always keeps "
                                  f"the output embedding in float, so it could not load it. Write the model with {_GPTQ_INSTEAD}.")
         _check_layer(name, layer, group_size)
-    return group_size, layers
+    return awq_group_size(group_size, [int(layer.in_features) for layer in layers.values()]), layers
+
+
+def awq_group_size(group_size: int, in_features: list[int]) -> int:
+    """The AWQ group size that holds GPTQ groups of ``group_size`` exactly: ``group_size``, or for a ragged last group
+    the largest AWQ group size dividing it and every ``in_features`` (:func:`qalora_hf.gptq_format.exact_group_size`).
+
+    Raises:
+        AwqExportError: no AWQ group size (32, 64, 128) divides them all.
+    """
+    from .gptq_format import exact_group_size
+
+    a = exact_group_size(group_size, in_features, AWQ_GROUP_SIZES)
+    if a is None:
+        raise AwqExportError(f"group_size={group_size} leaves a ragged last group on in_features "
+                             f"{sorted({k for k in in_features if k % group_size})}, and no AWQ group size "
+                             f"{list(AWQ_GROUP_SIZES)} divides both; AWQ has no partial groups. Write the model with {_GPTQ_INSTEAD}.")
+    return a
 
 
 def awq_quantization_config(group_size: int, modules_to_not_convert: Optional[list[str]] = None) -> dict:
@@ -221,17 +235,24 @@ def _float_linears(model, layers: dict) -> list[str]:
     return names
 
 
-def awq_state_dict(model, layers: dict) -> dict[str, torch.Tensor]:
+def awq_state_dict(model, layers: dict, group_size: Optional[int] = None) -> dict[str, torch.Tensor]:
     """The model's state dict with every GPTQ layer's ``qweight``/``qzeros``/``scales``/``g_idx`` replaced by AWQ's tensors.
+
+    ``group_size``: the AWQ group size (:func:`awq_group_size`); where it is smaller than a layer's GPTQ group size,
+    each GPTQ group's scale and zero-point row is repeated for every AWQ group it holds.
 
     Every other tensor (embeddings, norms, biases, float layers) is kept exactly, in its dtype.
     """
-    from .gptq_format import read_layer
+    from .gptq_format import read_layer, split_groups
 
     sd = dict(model.state_dict())
     for name, layer in layers.items():
         t = read_layer(layer)
-        packed = awq_pack_layer(t.q, t.z, t.scales)
+        z, scales = t.z, t.scales
+        if group_size is not None and group_size != int(layer.group_size):  # a ragged GPTQ model's groups, split
+            _, rows = split_groups(t.g_idx, int(layer.group_size), group_size)
+            z, scales = z[rows], scales[rows]
+        packed = awq_pack_layer(t.q, z, scales)
         sd.pop(f"{name}.g_idx", None)
         for key, value in packed.items():
             sd[f"{name}.{key}"] = value
@@ -311,9 +332,9 @@ def export_awq(
 
     Raises:
         AwqExportError (a ``ValueError``): the model still holds adapters (merge first), is a float model, is
-            not 4-bit, uses act-order (AWQ has no ``g_idx``), or has a group size other than 32/64/128, a layer
-            whose ``in_features`` is not a multiple of the group size or whose ``out_features`` is not a
-            multiple of 8.  The message names what would export instead.  Raised before anything is written.
+            not 4-bit, uses act-order (AWQ has no ``g_idx``), or has a group size other than 32/64/128, or a
+            layer whose ``out_features`` is not a multiple of 8.  A ragged last group (``in_features`` not a
+            multiple of the group size) is written as smaller AWQ groups (:func:`awq_group_size`), exactly.  The message names what would export instead.  Raised before anything is written.
         FileExistsError: ``output_dir`` exists and is not empty, and ``overwrite`` is False.
         FileNotFoundError: ``model_or_dir`` is a path without ``config.json``, an extra file is missing, or
             ``adapter_dir`` lacks ``adapter_config.json`` / ``adapter_model.safetensors``.
@@ -342,7 +363,7 @@ def export_awq(
     if adapter_dir is not None:
         adapter_dir = check_adapter_dir(adapter_dir)
     _check_extra_names(extra_files or {})
-    state_dict = awq_state_dict(model, layers)
+    state_dict = awq_state_dict(model, layers, group_size)
     qconfig = awq_quantization_config(group_size, _float_linears(model, layers))
 
 

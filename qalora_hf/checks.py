@@ -248,8 +248,10 @@ def check_group_size(group_size: int, shapes: Mapping[str, tuple[int, int]], tar
 
     * gptqmodel's trainable kernel must take it on each quantised layer (``TorchLinear.validate``: its
       ``SUPPORTS_GROUP_SIZE``, bits, shapes), so a group size it refuses fails before the GPTQ pass, not after;
-    * each adapted layer's ``in_features`` must be a multiple of it: QA-LoRA pools whole quantisation groups, and a
-      shorter last group (which GPTQ accepts) is not supported by the adapter and its merge.
+    * no adapted layer may be narrower than one group: QA-LoRA pools each quantisation group into one feature, and
+      ``group_size=-1`` or a group wider than ``in_features`` would leave a single, partial one.
+      A shorter last group (``in_features`` not a multiple of ``group_size``, e.g. 576 with 128) is what GPTQ
+      quantises there, and the adapter and merge pool it as its own group (:func:`qalora_hf.adapter.group_counts`).
 
     Raises:
         ValueError: naming the layer, and the group sizes that would work on every layer.
@@ -258,9 +260,9 @@ def check_group_size(group_size: int, shapes: Mapping[str, tuple[int, int]], tar
 
     kernel = _gptq_kernel()
     targets = list(targets)
-    ok_sizes = [g for g in supported_group_sizes() if all(shapes[n][0] % g == 0 for n in targets)]
-    hint = (f"group sizes that divide every adapted layer's in_features and that gptqmodel's kernel takes: "
-            f"{', '.join(map(str, ok_sizes))}" if ok_sizes else "no group size gptqmodel's kernel takes divides every "
+    ok_sizes = [g for g in supported_group_sizes() if all(shapes[n][0] >= g for n in targets)]
+    hint = (f"group sizes that gptqmodel's kernel takes and that are not wider than any adapted layer's in_features: "
+            f"{', '.join(map(str, ok_sizes))}" if ok_sizes else "no group size gptqmodel's kernel takes fits every "
             "adapted layer's in_features; adapt fewer layers (target_modules)")
     if group_size in (-1, 0):
         raise ValueError(f"group_size={group_size} (one group per row) leaves QA-LoRA a single pooled feature per layer; "
@@ -274,10 +276,10 @@ def check_group_size(group_size: int, shapes: Mapping[str, tuple[int, int]], tar
                              f"([{n}, {k}]): {msg}; use one of the {hint}.")
     for name in targets:
         k = shapes[name][0]
-        if k % group_size:
+        if k < group_size:
             raise ValueError(
-                f"{source}: {name} has in_features={k}, not a multiple of group_size={group_size}; GPTQ would quantise it "
-                f"with a shorter last group, which QA-LoRA's pooling and merge do not support. Use one of the {hint}."
+                f"{source}: {name} has in_features={k}, fewer than group_size={group_size}: GPTQ would quantise each row "
+                f"as one partial group, leaving QA-LoRA a single pooled feature. Use one of the {hint}."
             )
 
 

@@ -24,6 +24,7 @@ import torch
 
 from .gptq_format import count_zero_points_at_0, install_checkpoint_format_hooks, set_checkpoint_format
 from .gptq import gptq_layers, gptq_settings, quantization_config_dict
+from .gptq import split_ragged_groups as split_ragged_groups_in_place
 from .safety import ADAPTER_FILES, assert_folder_publishable, check_adapter_dir  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def export_gptq(
     max_shard_size: str = "2GB",
     base_model_id: Optional[str] = None,
     tokens: tuple = (),
+    split_ragged_groups: bool = True,
 ) -> Path:
     """Write a GPTQ model (merged or not) atomically as a stock-loadable checkpoint.
 
@@ -168,6 +170,14 @@ def export_gptq(
     ``output_dir`` is either absent or the previous complete export, and at most a hidden
     ``.<name>.tmp-<pid>-<hex>`` directory beside it, which the next export to the same ``output_dir``
     removes once that process is gone.
+
+    A model whose ``group_size`` leaves a ragged last group (``in_features`` not a multiple of it, e.g. SmolLM2's
+    576 with 128) is, with ``split_ragged_groups`` (the default), first changed in place by
+    :func:`qalora_hf.gptq.split_ragged_groups`: every group split into groups of 64 there, with its scale and
+    zero-point, the same weights bit for bit, under a ``group_size`` that stock ``from_pretrained`` (gptqmodel's
+    auto-picked kernels refuse a ragged group) and vLLM take.  ``split_ragged_groups=False`` writes the ragged groups,
+    which only gptqmodel's ``backend="torch"`` loads: the quantisation cache does, so that QA-LoRA pools the groups
+    GPTQ fitted.
 
     Returns:
         ``Path(output_dir)``.
@@ -192,6 +202,10 @@ def export_gptq(
     if adapter_dir is not None:
         adapter_dir = check_adapter_dir(adapter_dir)
     _check_extra_names(extra_files or {})
+
+    if split_ragged_groups:
+        split_ragged_groups_in_place(model)
+        qc = gptq_settings(model)
 
     def write_weights(tmp: Path) -> None:
         # The export is v1 ("gptq"): label the model so, and let its state dict convert the in-memory

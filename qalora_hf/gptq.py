@@ -148,6 +148,53 @@ def mark_asymmetric(model) -> None:
         hf_quantizer.quantization_config.sym = False
 
 
+def split_ragged_groups(model) -> Any:
+    """In place: if the model's ``group_size`` leaves a ragged last group (``in_features`` not a multiple of it, e.g.
+    SmolLM2's 576 with 128), split every group of every GPTQ layer into groups of
+    :func:`qalora_hf.gptq_format.exact_group_size` (64 there), each with its group's scale and zero-point.
+
+    The weights stay the same, bit for bit (``docs/gptq_format.md``, "Ragged last groups"); the layers' ``g_idx``,
+    ``scales``, ``qzeros`` and ``group_size`` and the ``quantization_config`` (and its ``hf_quantizer`` copy) change,
+    so that ``save_pretrained``/``push_to_hub`` write a checkpoint every GPTQ kernel loads (gptqmodel's auto-picked
+    CPU kernels and vLLM refuse a ragged group).  For a merged model (``merge_qalora`` calls it) or an export; a base
+    that will still be trained must keep the groups GPTQ fitted, which QA-LoRA pools.
+
+    Returns:
+        The new group size, or None when no group is ragged (or no smaller size divides them: kept, with a warning).
+    """
+    from .gptq_format import exact_group_size, split_groups
+
+    layers = gptq_layers(model)
+    qc = model.config.quantization_config
+    group_size = int(qc["group_size"] if isinstance(qc, dict) else qc.group_size)
+    new = exact_group_size(group_size, [int(layer.in_features) for layer in layers.values()])
+    if new is None:
+        logger.warning("group_size=%d leaves a ragged last group that no smaller group size divides; kept as it is, which "
+                       "only gptqmodel's backend='torch' loads.", group_size)
+        return None
+    if new == group_size:
+        return None
+    for layer in layers.values():
+        g_idx, rows = split_groups(layer.g_idx, group_size, new)
+        rows = rows.to(layer.scales.device)
+        layer.g_idx = g_idx.to(layer.g_idx.dtype).to(layer.g_idx.device)
+        layer.qzeros = layer.qzeros[rows].contiguous()  # rows are groups (qzeros packs along the outputs)
+        layer.scales = layer.scales[rows].contiguous()
+        layer.group_size = new
+        for hook in ("clear_weight_cache", "_stream_reset_cache"):  # gptqmodel's cached dequantised weights
+            if callable(getattr(layer, hook, None)):
+                getattr(layer, hook)()
+    for config in {id(c): c for c in (qc, getattr(getattr(model, "hf_quantizer", None), "quantization_config", None))
+                   if c is not None}.values():
+        if isinstance(config, dict):
+            config["group_size"] = new
+        else:
+            config.group_size = new
+    logger.info("group_size=%d leaves a ragged last group: every group split into groups of %d with its scale and "
+                "zero-point (the same weights; a checkpoint every GPTQ kernel loads).", group_size, new)
+    return new
+
+
 # --------------------------------------------------------------------------------------------------
 # Kernels: which gptqmodel class a layer runs on, and what it can do (docs/gptq_format.md, "Kernels")
 

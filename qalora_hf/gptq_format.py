@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Optional
 
 import torch
 
@@ -124,6 +125,52 @@ class GPTQTensors:
         """Float32 ``W[o, i]`` of shape ``[N, K]`` (the ``nn.Linear`` layout)."""
         g = self.g_idx
         return (self.scales[g] * (self.q - self.z[g]).to(torch.float32)).t().contiguous()
+
+
+#: Group sizes a ragged GPTQ model is split into on export, largest first (every GPTQ kernel takes them).
+SPLIT_GROUP_SIZES = (128, 64, 32, 16)
+
+
+def exact_group_size(group_size: int, in_features, sizes=SPLIT_GROUP_SIZES) -> Optional[int]:
+    """The group size that holds GPTQ groups of ``group_size`` exactly on layers of these ``in_features``.
+
+    ``group_size`` when it divides every ``in_features`` (or is -1).  Otherwise GPTQ made a ragged last group
+    (SmolLM2's 576 with 128: four groups of 128 and one of 64), which most kernels refuse (gptqmodel's CPU kernels,
+    Marlin, vLLM: ``in_features`` must be a multiple of ``group_size``) and AWQ's layout cannot hold; then the largest
+    of ``sizes`` dividing ``group_size`` and every ``in_features``, each group becoming ``group_size / a`` groups of
+    ``a`` with its scale and zero-point (:func:`split_groups`): the same weights, bit for bit.  None when none does.
+    """
+    if group_size <= 0 or all(k % group_size == 0 for k in in_features):
+        return group_size
+    fits = [a for a in sizes if group_size % a == 0 and all(k % a == 0 for k in in_features)]
+    return max(fits) if fits else None
+
+
+def split_groups(g_idx: torch.Tensor, group_size: int, new_group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split every quantisation group into groups of ``new_group_size`` (a divisor of ``group_size`` and ``K``).
+
+    A group's channels, in channel order, fill its new groups ``new_group_size`` at a time, so with act-order off
+    the result is ``arange(K) // new_group_size``; with act-order every new group still holds channels of one
+    old group only.
+
+    Returns:
+        ``(new_g_idx, rows)``: int64 ``[K]`` the new group of each channel, and int64 ``[K / new_group_size]`` the old
+        group of each new group: ``scales[rows]`` and ``qzeros[rows]`` (rows are groups in both, packed or not) are
+        the new layer's, and it dequantises to the same weights.
+
+    Raises:
+        ValueError: ``new_group_size`` does not divide ``group_size`` and ``K``.
+    """
+    g_idx = g_idx.detach().cpu().to(torch.int64)
+    k = g_idx.numel()
+    if group_size % new_group_size or k % new_group_size:
+        raise ValueError(f"new_group_size={new_group_size} must divide group_size={group_size} and in_features={k}.")
+    counts = torch.bincount(g_idx)
+    perm = torch.argsort(g_idx, stable=True)
+    rank = torch.empty(k, dtype=torch.int64)
+    rank[perm] = torch.arange(k) - (torch.cumsum(counts, 0) - counts)[g_idx[perm]]
+    per = group_size // new_group_size
+    return g_idx * per + rank // new_group_size, torch.arange(k // new_group_size) // per
 
 
 def read_layer(layer) -> GPTQTensors:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .adapter import group_delta
 from .data import forward_inputs
-from .gptq import check_mergeable_kernels, mark_asymmetric
+from .gptq import check_mergeable_kernels, mark_asymmetric, split_ragged_groups
 from .gptq_format import GPTQTensors, count_zero_points_at_0, install_checkpoint_format_hooks, read_layer, write_layer
 from .scale_distillation import distill_scales, distill_scales_lr_search, norm_layers, teacher_topk
 from .strategies import STRATEGIES, MergeStrategy, get_strategy  # noqa: F401  (the strategies, as data)
@@ -324,12 +324,23 @@ def _refit_scales(
     """
     k, n = t.q.shape
     groups = t.scales.shape[0]
-    g = k // groups
-    perm = torch.argsort(t.g_idx, stable=True)
-    v = (t.q - z[t.g_idx]).to(torch.float32).t()[:, perm].reshape(n, groups, g)  # [N, G, g]
-    h = hessian.to(torch.float32)[perm][:, perm]
+    g_idx = t.g_idx.to(torch.int64)
+    counts = torch.bincount(g_idx, minlength=groups)
+    g = int(counts.max())
+    # channel i goes to slot g_idx[i] * g + (its rank inside its group): groups padded to g slots, the padding
+    # (a ragged last group's missing channels) with v = 0 and H = 0, so it adds nothing to either side
+    perm = torch.argsort(g_idx, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = g_idx[perm] * g + (torch.arange(k) - starts[g_idx[perm]])
+    v = torch.zeros(n, groups * g)
+    v[:, slot] = (t.q - z[t.g_idx]).to(torch.float32).t()[:, perm]
+    v = v.reshape(n, groups, g)  # [N, G, g]
+    h_sorted = hessian.to(torch.float32)[perm][:, perm]
+    h = torch.zeros(groups * g, groups * g)
+    h[slot.unsqueeze(1), slot.unsqueeze(0)] = h_sorted
     h4 = h.reshape(groups, g, groups, g)
-    rhs_full = target.to(torch.float32)[:, perm] @ h  # [N, K]
+    rhs_full = torch.zeros(n, groups * g)
+    rhs_full[:, slot] = target.to(torch.float32)[:, perm] @ h_sorted  # [N, K] in slots
     rhs = (rhs_full.reshape(n, groups, g) * v).sum(-1)  # [N, G]
     new = torch.empty(n, groups, dtype=torch.float32)
     for o1 in range(0, n, chunk):
@@ -680,6 +691,7 @@ def _unload(model: PeftModel, report: MergeReport):
     """Phase 6: drop the PEFT wrapper; the merged model is asymmetric."""
     merged = model.unload()
     mark_asymmetric(merged)
+    split_ragged_groups(merged)  # the adapter is gone: store a ragged last group as equal groups every kernel loads
     report.zero_points_at_0 = count_zero_points_at_0(merged)
     install_checkpoint_format_hooks(merged)  # merged.save_pretrained / push_to_hub write a correct checkpoint
     logger.info("merge: %s", report.totals)

@@ -117,6 +117,6 @@ def quantize_model(model_path: str, qconfig: QuantizeConfig, calibration_texts: 
         backend=TRAINABLE_BACKEND,
     )
     model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=gptq, dtype=torch.float32)
-    export_gptq(model, out, tokenizer=tokenizer, overwrite=True)
+    export_gptq(model, out, tokenizer=tokenizer, overwrite=True, split_ragged_groups=False)  # the groups GPTQ fitted
     del model
     return out

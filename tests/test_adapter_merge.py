@@ -807,8 +807,9 @@ def test_unsupported_bits_and_group_errors():
     fake = SimpleNamespace(config=SimpleNamespace(quantization_config={"quant_method": "gptq", "bits": 5, "group_size": 32}))
     with pytest.raises(ValueError, match="bits=5"):
         gptq_settings(fake)
-    with pytest.raises(ValueError, match="not a multiple of group_size"):
-        pooling_permutation(torch.arange(48) // 32, 32)
+    with pytest.raises(ValueError, match="does not split the 48 input channels into groups of 32 \\(the last of 16\\)"):
+        pooling_permutation(torch.arange(48) // 16, 32)
+    assert pooling_permutation(torch.arange(48) // 32, 32) is None  # a ragged last group of 16 is GPTQ's own split
 
 
 def test_merge_argument_errors(load_tiny_gptq):

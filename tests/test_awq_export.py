@@ -70,27 +70,33 @@ def _save_float(out: Path, hidden: int, intermediate: int, bias: bool) -> Path:
 
 
 # Group size 32 on the shared tiny Llama (hidden 64 / intermediate 128, with biases); group size 128 on a tiny
-# Llama whose every in_features is a multiple of 128 (hidden 128 / intermediate 256, no biases).
-SETUPS = {32: dict(hidden=64, intermediate=128, bias=True), 128: dict(hidden=128, intermediate=256, bias=False)}
+# Llama whose every in_features is a multiple of 128 (hidden 128 / intermediate 256, no biases); group size 128 with
+# a ragged last group (hidden 192 = 128 + 64, as SmolLM2's 576 = 4 x 128 + 64), written as AWQ group size 64.
+SETUPS = {
+    "g32": dict(group_size=32, awq_group_size=32, hidden=64, intermediate=128, bias=True),
+    "g128": dict(group_size=128, awq_group_size=128, hidden=128, intermediate=256, bias=False),
+    "g128-ragged": dict(group_size=128, awq_group_size=64, hidden=192, intermediate=384, bias=False),
+}
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, gptq_checkpoint):
-    """{group_size: {"gptq": dir, "awq": dir, "awq_from_dir": dir, "model": merged model}} for g32 and g128."""
+    """{setup: {"gptq": dir, "awq": dir, "awq_from_dir": dir, "model": merged model}} for every SETUPS entry."""
     root = tmp_path_factory.mktemp("awq")
     tok = tiny_tokenizer()
     out = {}
-    for g, setup in SETUPS.items():
-        if g == 32:
+    for key, setup in SETUPS.items():
+        g = setup["group_size"]
+        if key == "g32":
             base_dir = gptq_checkpoint(4, False, False, bias=True)
         else:
-            base_dir = quantize_tiny(_save_float(root / f"float-g{g}", setup["hidden"], setup["intermediate"], setup["bias"]),
-                                     root / f"base-g{g}", bits=4, group_size=g)
+            base_dir = quantize_tiny(_save_float(root / f"float-{key}", setup["hidden"], setup["intermediate"], setup["bias"]),
+                                     root / f"base-{key}", bits=4, group_size=g)
         model = _merge_like(load_gptq(base_dir, 4).eval(), seed=g)
-        gptq_dir = export_gptq(model, root / f"gptq-g{g}", tokenizer=tok)
-        awq_dir = export_awq(model, root / f"awq-g{g}", tokenizer=tok)
-        awq_from_dir = export_awq(gptq_dir, root / f"awq-from-dir-g{g}")
-        out[g] = {"gptq": gptq_dir, "awq": awq_dir, "awq_from_dir": awq_from_dir, "model": model}
+        gptq_dir = export_gptq(model, root / f"gptq-{key}", tokenizer=tok)
+        awq_dir = export_awq(model, root / f"awq-{key}", tokenizer=tok)
+        awq_from_dir = export_awq(gptq_dir, root / f"awq-from-dir-{key}")
+        out[key] = {"gptq": gptq_dir, "awq": awq_dir, "awq_from_dir": awq_from_dir, "model": model}
     return out
 
 
@@ -142,7 +148,7 @@ def fresh(exports, tmp_path_factory):
     n = min(len(x) for x in ids)
     torch.save(torch.tensor([x[:n] for x in ids]), root / "probe.pt")
     (root / "fresh.py").write_text(FRESH)
-    pairs = {str(g): [str(e["gptq"]), str(e["awq"])] for g, e in exports.items()}
+    pairs = {key: [str(e["gptq"]), str(e["awq"])] for key, e in exports.items()}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(GPTQMODEL_CPU_WORKERS="1", TORCHDYNAMO_DISABLE="1", HF_HUB_OFFLINE="1")
     res = subprocess.run([sys.executable, str(root / "fresh.py"), json.dumps(pairs), str(root / "probe.pt"),
@@ -188,9 +194,9 @@ def test_pack_rejects_what_it_cannot_hold():
         awq_pack_layer(q, z, s * (1 + 1e-6))
 
 
-@pytest.mark.parametrize("g", sorted(SETUPS))
-def test_export_holds_the_gptq_integers(exports, g):
-    e = exports[g]
+@pytest.mark.parametrize("key", sorted(SETUPS))
+def test_export_holds_the_gptq_integers(exports, key):
+    e, g = exports[key], SETUPS[key]["awq_group_size"]
     qc = json.loads((e["awq"] / "config.json").read_text())["quantization_config"]
     assert qc == {"quant_method": "awq", "bits": 4, "group_size": g, "zero_point": True, "version": "gemm",
                   "modules_to_not_convert": ["lm_head"]}
@@ -198,13 +204,19 @@ def test_export_holds_the_gptq_integers(exports, g):
     assert not any(k.endswith("g_idx") for k in sd)
     layers = gptq_layers(e["model"])
     assert layers
+    ragged = 0
     for name, layer in layers.items():
         t = read_layer(layer)
         k, n = layer.in_features, layer.out_features
+        ragged += k % SETUPS[key]["group_size"] != 0
         assert tuple(sd[f"{name}.qweight"].shape) == (k, n // 8) and tuple(sd[f"{name}.qzeros"].shape) == (k // g, n // 8)
         q, z = awq_unpack_layer(sd[f"{name}.qweight"], sd[f"{name}.qzeros"])
-        assert torch.equal(q, t.q) and torch.equal(z, t.z), name
-        assert sd[f"{name}.scales"].dtype == torch.float16 and torch.equal(sd[f"{name}.scales"].float(), t.scales)
+        awq_group = torch.arange(k) // g  # AWQ's group of each input channel; the GPTQ group of each AWQ group:
+        gptq_group = t.g_idx.long()[torch.arange(0, k, g)]
+        assert torch.equal(gptq_group[awq_group], t.g_idx.long()), name  # every AWQ group inside one GPTQ group
+        assert torch.equal(q, t.q) and torch.equal(z, t.z[gptq_group]), name
+        assert sd[f"{name}.scales"].dtype == torch.float16 and torch.equal(sd[f"{name}.scales"].float(), t.scales[gptq_group])
+    assert (ragged > 0) == key.endswith("ragged")  # the ragged setup has ragged layers (and the others none)
     gptq_sd = load_file(e["gptq"] / "model.safetensors")
     for key, value in gptq_sd.items():  # every tensor that is not a packed integer is written unchanged
         if key.rsplit(".", 1)[-1] not in ("qweight", "qzeros", "scales", "g_idx"):
@@ -216,10 +228,10 @@ def test_export_holds_the_gptq_integers(exports, g):
     assert not list(e["awq"].glob("*.bin")) and not list(e["awq"].glob("*.pt"))  # no pickles
 
 
-@pytest.mark.parametrize("g", sorted(SETUPS))
-def test_fresh_process_stock_load_matches_gptq(fresh, g):
-    r = fresh[str(g)]
-    print(f"g{g}: AWQ kernels {r['awq_kernels']}, GPTQ kernel {r['gptq_kernel']}, max|dlogit| {r['max_logit_diff']:.2e} "
+@pytest.mark.parametrize("key", sorted(SETUPS))
+def test_fresh_process_stock_load_matches_gptq(fresh, key):
+    r = fresh[key]
+    print(f"{key}: AWQ kernels {r['awq_kernels']}, GPTQ kernel {r['gptq_kernel']}, max|dlogit| {r['max_logit_diff']:.2e} "
           f"(max|logit| {r['max_logit']:.2f})")
     assert fresh["qalora_hf_imported"] == []
     assert r["layers"] == 14 and all("Awq" in k for k in r["awq_kernels"])
@@ -292,8 +304,8 @@ def test_refuses_adapters_and_float_models(load_tiny_gptq, tiny_float_dir, tmp_p
 
 def test_cli_awq(exports, gptq_checkpoint, tmp_path, capsys):
     out = tmp_path / "cli-awq"
-    assert cli_main(["awq", str(exports[32]["gptq"]), "--output-dir", str(out)]) == 0
-    sd, ref = load_file(out / "model.safetensors"), load_file(exports[32]["awq"] / "model.safetensors")
+    assert cli_main(["awq", str(exports["g32"]["gptq"]), "--output-dir", str(out)]) == 0
+    sd, ref = load_file(out / "model.safetensors"), load_file(exports["g32"]["awq"] / "model.safetensors")
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
     assert "awq" in capsys.readouterr().out
 
@@ -301,7 +313,7 @@ def test_cli_awq(exports, gptq_checkpoint, tmp_path, capsys):
     assert cli_main(["awq", str(gptq_checkpoint(4, True, False)), "--output-dir", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "act-order" in err[0] and "export_gptq" in err[0]
-    assert cli_main(["awq", str(exports[32]["gptq"]), "--output-dir", str(out)]) == 2  # exists, no --overwrite
+    assert cli_main(["awq", str(exports["g32"]["gptq"]), "--output-dir", str(out)]) == 2  # exists, no --overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert _nothing_written(bad)
 
@@ -349,11 +361,11 @@ def test_cli_awq_from_hub_repo_and_push_to_sibling(exports, hub, tmp_path):
     from qalora_hf import push_gptq_to_hub
 
     gptq_repo = "local-user/tiny-qalora-gptq-4bit"
-    push_gptq_to_hub(exports[32]["gptq"], gptq_repo, backoff_s=0.01)
+    push_gptq_to_hub(exports["g32"]["gptq"], gptq_repo, backoff_s=0.01)
     awq_repo = awq_sibling_repo_id(gptq_repo)
     assert cli_main(["awq", gptq_repo, "--output-dir", str(tmp_path / "awq"), "--push-to-hub", awq_repo]) == 0
     config = json.loads(Path(hf_hub_download(awq_repo, "config.json")).read_text())
     assert config["quantization_config"]["quant_method"] == "awq"
     pushed = load_file(hf_hub_download(awq_repo, "model.safetensors"))
-    ref = load_file(exports[32]["awq"] / "model.safetensors")
+    ref = load_file(exports["g32"]["awq"] / "model.safetensors")
     assert pushed.keys() == ref.keys() and all(torch.equal(pushed[k], ref[k]) for k in ref)

@@ -378,7 +378,7 @@ TRAINER_CASES = {
     "target_module_unknown": r"target module 'nope_proj' matches no module of the model; valid GPTQ layer names end in",
     "target_module_not_quantised": r"target module 'lm_head' matches lm_head \(Linear\), which is not a GPTQ quantised layer",
     "group_size_48": r"group_size=48, bits=4 is refused by gptqmodel's GPTQ kernel .*use one of the group sizes .*: 16, 32, 64",
-    "group_size_128_on_576": r"in_features=576, not a multiple of group_size=128.*group sizes .*: 16, 32, 64\.",
+    "group_size_1024_on_576": r"in_features=576, fewer than group_size=1024.*group sizes .*: 16, 32, 64, 128, 256, 512\.",
     "completion_null": r"train_dataset: row 5 has 'completion' null",
     "completion_int": r"train_dataset: column 'completion' holds int64 values, not text",
     "eval_text_null": r"eval_dataset: row 1 has 'text' null",
@@ -404,9 +404,9 @@ def _trainer_case(case, tiny_float_dir, gptq_dir, tmp_path, readonly_dir):
         kw["qalora_config"] = QALoraConfig(r=4, target_modules=["q_proj", "lm_head"])
     elif case == "group_size_48":
         kw["quantize_config"] = QuantizeConfig(group_size=48, cache_dir=str(tmp_path / "cache"))
-    elif case == "group_size_128_on_576":
+    elif case == "group_size_1024_on_576":
         kw["model"] = str(smollm2_shaped_config(tmp_path / "smollm2-shaped"))
-        kw["quantize_config"] = QuantizeConfig(group_size=128, cache_dir=str(tmp_path / "cache"))
+        kw["quantize_config"] = QuantizeConfig(group_size=1024, cache_dir=str(tmp_path / "cache"))
     elif case == "completion_null":
         rows = prompt_completion()
         rows[5]["completion"] = None

@@ -37,15 +37,18 @@ def tiny_tokenizer():
     return tok
 
 
-def save_tiny_float_model(output_dir: str | os.PathLike, seed: int = 0, bias: bool = False) -> Path:
-    """Write a random 2-layer Llama (hidden 64, intermediate 128, 4 heads / 2 KV heads) and its tokenizer."""
+def save_tiny_float_model(output_dir: str | os.PathLike, seed: int = 0, bias: bool = False, hidden_size: int = 64,
+                          intermediate_size: int = 128, num_attention_heads: int = 4, num_key_value_heads: int = 2) -> Path:
+    """Write a random 2-layer Llama (by default hidden 64, intermediate 128, 4 heads / 2 KV heads) and its tokenizer.
+
+    gptqmodel packs only layers whose ``in_features`` and ``out_features`` are multiples of 32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, attention_bias=bias, mlp_bias=bias,
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads, max_position_embeddings=256, tie_word_embeddings=True, attention_bias=bias, mlp_bias=bias,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(cfg)
@@ -68,7 +71,7 @@ def quantize_tiny(float_dir, output_dir, bits=4, group_size=32, desc_act=False, 
     model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=qconf, dtype=torch.float32)
     from qalora_hf.export import export_gptq
 
-    export_gptq(model, output_dir, tokenizer=tok, overwrite=True, card=None)
+    export_gptq(model, output_dir, tokenizer=tok, overwrite=True, card=None, split_ragged_groups=False)
     return Path(output_dir)
 
 
