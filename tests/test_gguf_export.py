@@ -251,14 +251,23 @@ def _effective_weight(module) -> torch.Tensor:
     return out.t().double()
 
 
-@pytest.mark.parametrize("bits,sym", [(4, False), (3, True)], ids=["b4-asym", "b3-sym"])
-def test_base_plus_adapter_decodes_to_the_trained_models_weights(bits, sym, gptq_checkpoint, tiny_tok, tmp_path, hub):
+@pytest.mark.parametrize("bits,sym,ragged", [(4, False, False), (3, True, False), (4, False, True)],
+                         ids=["b4-asym", "b3-sym", "b4-asym-ragged"])
+def test_base_plus_adapter_decodes_to_the_trained_models_weights(bits, sym, ragged, gptq_checkpoint, tiny_tok, tmp_path, hub):
+    """``ragged``: hidden 96 / intermediate 160 with group size 64, so every layer ends in a ragged group of 32 (as
+    SmolLM2's 576 with 128), which Q4_1's 32-blocks hold exactly."""
     from qalora_hf import QALoraConfig, get_qalora_model
     from qalora_hf.cli import main
     from qalora_hf.gptq import load_gptq_model
     from qalora_hf.merge import qalora_layers
+    from qalora_hf.testing.tiny import quantize_tiny, save_tiny_float_model
 
-    base = gptq_checkpoint(bits, False, sym)
+    if ragged:
+        float_dir = save_tiny_float_model(tmp_path / "float", hidden_size=96, intermediate_size=160, num_attention_heads=3,
+                                          num_key_value_heads=1)
+        base = quantize_tiny(float_dir, tmp_path / "base", bits=bits, group_size=64, sym=sym)
+    else:
+        base = gptq_checkpoint(bits, False, sym)
     torch.manual_seed(0)
     peft_model = get_qalora_model(load_gptq_model(str(base)), QALoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
     layers = qalora_layers(peft_model)
@@ -282,6 +291,8 @@ def test_base_plus_adapter_decodes_to_the_trained_models_weights(bits, sym, gptq
     assert len(layers) == 14
     moved = 0.0
     for name, module in layers.items():
+        if ragged:
+            assert module.get_base_layer().in_features % 64, name  # every layer has a ragged last group
         prefix = name.removeprefix("base_model.model.")
         t = tensors[names.get_name(prefix) + ".weight"]
         assert t.tensor_type == gguf.GGMLQuantizationType.Q4_1
