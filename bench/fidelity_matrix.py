@@ -276,7 +276,7 @@ def write_card_matrix(strategy: str, root: Path = ROOT, out: Optional[Path] = No
     today = datetime.date.today().isoformat()
     out = REPO / "qalora_hf" / "templates" / MATRIX if out is None else out
     shipped = check_matrix(json.loads(out.read_text())) if out.is_file() else None
-    old = ({c["name"]: {"date": shipped["date"], **c} for c in shipped["cells"]}
+    old = ({c["name"]: {**c, "date": c.get("date", shipped["date"])} for c in shipped["cells"]}
            if shipped and shipped["strategy"] == strategy else {})
     cells = []
     for c in MATRIX_CELLS:
