@@ -334,7 +334,8 @@ def export_awq(
         AwqExportError (a ``ValueError``): the model still holds adapters (merge first), is a float model, is
             not 4-bit, uses act-order (AWQ has no ``g_idx``), or has a group size other than 32/64/128, or a
             layer whose ``out_features`` is not a multiple of 8.  A ragged last group (``in_features`` not a
-            multiple of the group size) is written as smaller AWQ groups (:func:`awq_group_size`), exactly.  The message names what would export instead.  Raised before anything is written.
+            multiple of the group size) is written as smaller AWQ groups (:func:`awq_group_size`), exactly.  The
+            message names what would export instead.  Raised before anything is written.
         FileExistsError: ``output_dir`` exists and is not empty, and ``overwrite`` is False.
         FileNotFoundError: ``model_or_dir`` is a path without ``config.json``, an extra file is missing, or
             ``adapter_dir`` lacks ``adapter_config.json`` / ``adapter_model.safetensors``.

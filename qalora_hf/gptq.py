@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def mark_asymmetric(model) -> None:
         hf_quantizer.quantization_config.sym = False
 
 
-def split_ragged_groups(model) -> Any:
+def split_ragged_groups(model) -> Optional[int]:
     """In place: if the model's ``group_size`` leaves a ragged last group (``in_features`` not a multiple of it, e.g.
     SmolLM2's 576 with 128), split every group of every GPTQ layer into groups of
     :func:`qalora_hf.gptq_format.exact_group_size` (64 there), each with its group's scale and zero-point.

@@ -134,7 +134,7 @@ SPLIT_GROUP_SIZES = (128, 64, 32, 16)
 def exact_group_size(group_size: int, in_features, sizes=SPLIT_GROUP_SIZES) -> Optional[int]:
     """The group size that holds GPTQ groups of ``group_size`` exactly on layers of these ``in_features``.
 
-    ``group_size`` when it divides every ``in_features`` (or is -1).  Otherwise GPTQ made a ragged last group
+    ``group_size`` when it divides every ``in_features`` (or is -1, one group per row).  Otherwise GPTQ made a ragged last group
     (SmolLM2's 576 with 128: four groups of 128 and one of 64), which most kernels refuse (gptqmodel's CPU kernels,
     Marlin, vLLM: ``in_features`` must be a multiple of ``group_size``) and AWQ's layout cannot hold; then the largest
     of ``sizes`` dividing ``group_size`` and every ``in_features``, each group becoming ``group_size / a`` groups of
@@ -144,6 +144,16 @@ def exact_group_size(group_size: int, in_features, sizes=SPLIT_GROUP_SIZES) -> O
         return group_size
     fits = [a for a in sizes if group_size % a == 0 and all(k % a == 0 for k in in_features)]
     return max(fits) if fits else None
+
+
+def rank_in_group(g_idx: torch.Tensor) -> torch.Tensor:
+    """int64 ``[K]``: the position of each input channel among the channels of its group, in channel order."""
+    g_idx = g_idx.detach().cpu().to(torch.int64)
+    counts = torch.bincount(g_idx)
+    perm = torch.argsort(g_idx, stable=True)
+    rank = torch.empty_like(g_idx)
+    rank[perm] = torch.arange(g_idx.numel()) - (torch.cumsum(counts, 0) - counts)[g_idx[perm]]
+    return rank
 
 
 def split_groups(g_idx: torch.Tensor, group_size: int, new_group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,12 +175,8 @@ def split_groups(g_idx: torch.Tensor, group_size: int, new_group_size: int) -> t
     k = g_idx.numel()
     if group_size % new_group_size or k % new_group_size:
         raise ValueError(f"new_group_size={new_group_size} must divide group_size={group_size} and in_features={k}.")
-    counts = torch.bincount(g_idx)
-    perm = torch.argsort(g_idx, stable=True)
-    rank = torch.empty(k, dtype=torch.int64)
-    rank[perm] = torch.arange(k) - (torch.cumsum(counts, 0) - counts)[g_idx[perm]]
     per = group_size // new_group_size
-    return g_idx * per + rank // new_group_size, torch.arange(k // new_group_size) // per
+    return g_idx * per + rank_in_group(g_idx) // new_group_size, torch.arange(k // new_group_size) // per
 
 
 def read_layer(layer) -> GPTQTensors:

@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from .adapter import group_delta
 from .data import forward_inputs
 from .gptq import check_mergeable_kernels, mark_asymmetric, split_ragged_groups
-from .gptq_format import GPTQTensors, count_zero_points_at_0, install_checkpoint_format_hooks, read_layer, write_layer
+from .gptq_format import (GPTQTensors, count_zero_points_at_0, install_checkpoint_format_hooks, rank_in_group, read_layer,
+                          write_layer)
 from .scale_distillation import distill_scales, distill_scales_lr_search, norm_layers, teacher_topk
 from .strategies import STRATEGIES, MergeStrategy, get_strategy  # noqa: F401  (the strategies, as data)
 
@@ -330,8 +331,7 @@ def _refit_scales(
     # channel i goes to slot g_idx[i] * g + (its rank inside its group): groups padded to g slots, the padding
     # (a ragged last group's missing channels) with v = 0 and H = 0, so it adds nothing to either side
     perm = torch.argsort(g_idx, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = g_idx[perm] * g + (torch.arange(k) - starts[g_idx[perm]])
+    slot = (g_idx * g + rank_in_group(g_idx))[perm]
     v = torch.zeros(n, groups * g)
     v[:, slot] = (t.q - z[t.g_idx]).to(torch.float32).t()[:, perm]
     v = v.reshape(n, groups, g)  # [N, G, g]
