@@ -482,12 +482,17 @@ def build_model_card(
     float_text = (f", itself quantised from [{float_model}](https://huggingface.co/{float_model})"
                   if float_model and float_model in base_models else (f", itself quantised from `{_relativise(float_model)}`" if float_model else ""))
     data_text = f" on {', '.join(datasets)}" if datasets else ""
+    base_group = (fidelity_config or {}).get("group_size")
+    split_text = (f"; the base's groups of {base_group}, whose last one is shorter on some layers, are each stored as "
+                  f"{base_group // group_size} groups of {group_size} with the same scale and zero-point, the same weights, "
+                  "because most GPTQ kernels refuse a ragged group"
+                  if base_group and group_size > 0 and base_group > group_size and base_group % group_size == 0 else "")
     description = (
         f"A {bits}-bit GPTQ model fine-tuned with QA-LoRA (quantisation-aware low-rank adaptation){data_text}: the "
         f"adapter was trained on the frozen INT{bits} weights of {base_text}{float_text}, then merged into the "
         f"integer zero-points and codes, so this repo is a plain GPTQ checkpoint (group size {group_size}, "
-        f"act-order {'on' if desc_act else 'off'}) that loads with stock transformers, with no adapter and no float "
-        "weights. The trained adapter itself is kept in `adapter/`."
+        f"act-order {'on' if desc_act else 'off'}{split_text}) that loads with stock transformers, with no adapter and "
+        "no float weights. The trained adapter itself is kept in `adapter/`."
     )
     card = ModelCard.from_template(
         card_data,

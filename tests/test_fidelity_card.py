@@ -90,6 +90,11 @@ def test_card_cites_the_cell_and_its_gain_kept():
     note = fidelity_matrix_note(DEMO, over)
     assert "kept 114.7% of the fine-tuning gain" in note and "(above 100 %: that export's held-out loss" in note, note
     assert "above 100 %" not in fidelity_matrix_note(DEMO, MATRIX)
+    # A base with a ragged last group (group 128 on 576 inputs): the merged model is stored with groups of 64, and says so.
+    split = str(build_model_card(**{**CARD, "group_size": 64}, fidelity_config={**DEMO, "group_size": 128}, fidelity_matrix=MATRIX))
+    assert ("(group size 64, act-order off; the base's groups of 128, whose last one is shorter on some layers, are each "
+            "stored as 2 groups of 64 with the same scale and zero-point") in split
+    assert "whose last one is shorter" not in str(build_model_card(**CARD, fidelity_config=DEMO, fidelity_matrix=MATRIX))
     # Without merge measurements the configuration is still cited.
     bare = str(build_model_card(**{**CARD, "merge_metrics": None}, fidelity_config=DEMO, fidelity_matrix=MATRIX))
     assert "No merge measurements" in bare and "`b4-g32-asym-noact-r16-lr2e-4-s40`" in bare
