@@ -235,24 +235,17 @@ def _float_linears(model, layers: dict) -> list[str]:
     return names
 
 
-def awq_state_dict(model, layers: dict, group_size: Optional[int] = None) -> dict[str, torch.Tensor]:
+def awq_state_dict(model, layers: dict) -> dict[str, torch.Tensor]:
     """The model's state dict with every GPTQ layer's ``qweight``/``qzeros``/``scales``/``g_idx`` replaced by AWQ's tensors.
-
-    ``group_size``: the AWQ group size (:func:`awq_group_size`); where it is smaller than a layer's GPTQ group size,
-    each GPTQ group's scale and zero-point row is repeated for every AWQ group it holds.
 
     Every other tensor (embeddings, norms, biases, float layers) is kept exactly, in its dtype.
     """
-    from .gptq_format import read_layer, split_groups
+    from .gptq_format import read_layer
 
     sd = dict(model.state_dict())
     for name, layer in layers.items():
         t = read_layer(layer)
-        z, scales = t.z, t.scales
-        if group_size is not None and group_size != int(layer.group_size):  # a ragged GPTQ model's groups, split
-            _, rows = split_groups(t.g_idx, int(layer.group_size), group_size)
-            z, scales = z[rows], scales[rows]
-        packed = awq_pack_layer(t.q, z, scales)
+        packed = awq_pack_layer(t.q, t.z, t.scales)
         sd.pop(f"{name}.g_idx", None)
         for key, value in packed.items():
             sd[f"{name}.{key}"] = value
@@ -334,7 +327,7 @@ def export_awq(
         AwqExportError (a ``ValueError``): the model still holds adapters (merge first), is a float model, is
             not 4-bit, uses act-order (AWQ has no ``g_idx``), or has a group size other than 32/64/128, or a
             layer whose ``out_features`` is not a multiple of 8.  A ragged last group (``in_features`` not a
-            multiple of the group size) is written as smaller AWQ groups (:func:`awq_group_size`), exactly.  The
+            multiple of the group size) is split in place into smaller AWQ groups (:func:`awq_group_size`), exactly.  The
             message names what would export instead.  Raised before anything is written.
         FileExistsError: ``output_dir`` exists and is not empty, and ``overwrite`` is False.
         FileNotFoundError: ``model_or_dir`` is a path without ``config.json``, an extra file is missing, or
@@ -343,6 +336,7 @@ def export_awq(
             or a local path (nothing is renamed into place then).
     """
     from .export import _check_extra_names, write_export_dir
+    from .gptq import split_ragged_groups
     from .safety import check_adapter_dir
 
     target = Path(output_dir).absolute()
@@ -364,7 +358,9 @@ def export_awq(
     if adapter_dir is not None:
         adapter_dir = check_adapter_dir(adapter_dir)
     _check_extra_names(extra_files or {})
-    state_dict = awq_state_dict(model, layers, group_size)
+    # a ragged last group: split in place into the AWQ group size (the same weights), as export_gptq does
+    split_ragged_groups(model, sizes=(group_size,))
+    state_dict = awq_state_dict(model, layers)
     qconfig = awq_quantization_config(group_size, _float_linears(model, layers))
 
 

@@ -148,7 +148,7 @@ def mark_asymmetric(model) -> None:
         hf_quantizer.quantization_config.sym = False
 
 
-def split_ragged_groups(model) -> Optional[int]:
+def split_ragged_groups(model, sizes: Optional[tuple] = None) -> Optional[int]:
     """In place: if the model's ``group_size`` leaves a ragged last group (``in_features`` not a multiple of it, e.g.
     SmolLM2's 576 with 128), split every group of every GPTQ layer into groups of
     :func:`qalora_hf.gptq_format.exact_group_size` (64 there), each with its group's scale and zero-point.
@@ -159,15 +159,19 @@ def split_ragged_groups(model) -> Optional[int]:
     CPU kernels and vLLM refuse a ragged group).  For a merged model (``merge_qalora`` calls it) or an export; a base
     that will still be trained must keep the groups GPTQ fitted, which QA-LoRA pools.
 
+    Args:
+        sizes: the group sizes to split into, largest first (default ``gptq_format.SPLIT_GROUP_SIZES``; the AWQ
+            export passes its own).
+
     Returns:
         The new group size, or None when no group is ragged (or no smaller size divides them: kept, with a warning).
     """
-    from .gptq_format import exact_group_size, split_groups
+    from .gptq_format import SPLIT_GROUP_SIZES, exact_group_size, split_groups
 
     layers = gptq_layers(model)
     qc = model.config.quantization_config
     group_size = int(qc["group_size"] if isinstance(qc, dict) else qc.group_size)
-    new = exact_group_size(group_size, [int(layer.in_features) for layer in layers.values()])
+    new = exact_group_size(group_size, [int(layer.in_features) for layer in layers.values()], sizes or SPLIT_GROUP_SIZES)
     if new is None:
         logger.warning("group_size=%d leaves a ragged last group that no smaller group size divides; kept as it is, which "
                        "only gptqmodel's backend='torch' loads.", group_size)

@@ -93,8 +93,8 @@ def exports(tmp_path_factory, gptq_checkpoint):
             base_dir = quantize_tiny(_save_float(root / f"float-{key}", setup["hidden"], setup["intermediate"], setup["bias"]),
                                      root / f"base-{key}", bits=4, group_size=g)
         model = _merge_like(load_gptq(base_dir, 4).eval(), seed=g)
+        awq_dir = export_awq(model, root / f"awq-{key}", tokenizer=tok)  # first: on g128-ragged, export_awq's own split
         gptq_dir = export_gptq(model, root / f"gptq-{key}", tokenizer=tok)
-        awq_dir = export_awq(model, root / f"awq-{key}", tokenizer=tok)
         awq_from_dir = export_awq(gptq_dir, root / f"awq-from-dir-{key}")
         out[key] = {"gptq": gptq_dir, "awq": awq_dir, "awq_from_dir": awq_from_dir, "model": model}
     return out

@@ -48,7 +48,8 @@ def save_tiny_float_model(output_dir: str | os.PathLike, seed: int = 0, bias: bo
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
-        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads, max_position_embeddings=256, tie_word_embeddings=True, attention_bias=bias, mlp_bias=bias,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads, max_position_embeddings=256,
+        tie_word_embeddings=True, attention_bias=bias, mlp_bias=bias,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(cfg)
