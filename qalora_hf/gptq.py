@@ -6,7 +6,7 @@
 * :func:`gptq_layers`: the gptqmodel quantised linear layers of a model;
 * :func:`is_gptq_checkpoint` and :func:`load_gptq_model`: a checkpoint's kind, and loading it with
   gptqmodel's trainable kernel (:data:`TRAINABLE_BACKEND`);
-* :func:`mark_asymmetric`: what a merged model's config must say (``sym: false``);
+* :func:`mark_merged`: what a merged model's config must say (``sym: false``, no load-time ``backend``);
 * :func:`kernel_summary`, :func:`check_trainable_kernels`, :func:`check_mergeable_kernels`: which gptqmodel
   kernel a model's layers run on, and whether it can train and be merged (docs/gptq_format.md, "Kernels").
 
@@ -135,17 +135,36 @@ def load_gptq_model(model_path: str, dtype=None, device_map=None, **kwargs):
     return model
 
 
-def mark_asymmetric(model) -> None:
-    """Set ``sym = False`` in the model's ``quantization_config`` (dict or object) and in its ``hf_quantizer``'s copy:
-    a merged model's zero-points differ group by group."""
-    qc = model.config.quantization_config
-    if isinstance(qc, dict):
-        qc["sym"] = False
-    else:
-        qc.sym = False
-    hf_quantizer = getattr(model, "hf_quantizer", None)
-    if hf_quantizer is not None and hf_quantizer.quantization_config is not qc:
-        hf_quantizer.quantization_config.sym = False
+def _set_quantization_config(model, **values) -> None:
+    """Set ``values`` in the model's ``quantization_config`` (dict or object) and in its ``hf_quantizer``'s copy
+    (``save_pretrained`` writes the first; some transformers paths read the second)."""
+    configs = (model.config.quantization_config, getattr(getattr(model, "hf_quantizer", None), "quantization_config", None))
+    for config in {id(c): c for c in configs if c is not None}.values():
+        for key, value in values.items():
+            if isinstance(config, dict):
+                config[key] = value
+            else:
+                setattr(config, key, value)
+
+
+def mark_merged(model) -> None:
+    """What a merged model's ``quantization_config`` must say, so that its plain ``save_pretrained`` and
+    ``push_to_hub`` write what :func:`qalora_hf.export_gptq` writes (``docs/gptq_format.md``, "What the merged
+    model's config says"):
+
+    * ``sym: false``: the zero-points differ group by group;
+    * ``backend: null``: ``backend="torch"`` was a load-time choice for training and merging (:data:`TRAINABLE_BACKEND`);
+      written to ``config.json`` it would pin that slower kernel on every later ``from_pretrained``.  Kept when a
+      ragged last group remains (only ``backend="torch"`` loads it, :func:`split_ragged_groups`);
+    * ``dataset: null``, ``tokenizer: null``: a base quantised in the same process carries its calibration text there.
+    """
+    qc = quantization_config_dict(model.config.quantization_config)
+    group_size = int(qc.get("group_size") or -1)
+    ragged = group_size > 0 and any(int(layer.in_features) % group_size for layer in gptq_layers(model).values())
+    values = {"sym": False, "dataset": None, "tokenizer": None}
+    if not ragged:
+        values["backend"] = None
+    _set_quantization_config(model, **values)
 
 
 def split_ragged_groups(model, sizes: Optional[tuple] = None) -> Optional[int]:
@@ -188,12 +207,7 @@ def split_ragged_groups(model, sizes: Optional[tuple] = None) -> Optional[int]:
         for hook in ("clear_weight_cache", "_stream_reset_cache"):  # gptqmodel's cached dequantised weights
             if callable(getattr(layer, hook, None)):
                 getattr(layer, hook)()
-    for config in {id(c): c for c in (qc, getattr(getattr(model, "hf_quantizer", None), "quantization_config", None))
-                   if c is not None}.values():
-        if isinstance(config, dict):
-            config["group_size"] = new
-        else:
-            config.group_size = new
+    _set_quantization_config(model, group_size=new)
     logger.info("group_size=%d leaves a ragged last group: every group split into groups of %d with its scale and "
                 "zero-point (the same weights; a checkpoint every GPTQ kernel loads).", group_size, new)
     return new

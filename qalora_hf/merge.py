@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .adapter import group_delta
 from .data import forward_inputs
-from .gptq import check_mergeable_kernels, mark_asymmetric, split_ragged_groups
+from .gptq import check_mergeable_kernels, mark_merged, split_ragged_groups
 from .gptq_format import (GPTQTensors, count_zero_points_at_0, install_checkpoint_format_hooks, rank_in_group, read_layer,
                           write_layer)
 from .scale_distillation import distill_scales, distill_scales_lr_search, norm_layers, teacher_topk
@@ -688,10 +688,10 @@ def _distill(model, layers, targets, report, originals, hessians, adapter_name, 
 
 
 def _unload(model: PeftModel, report: MergeReport):
-    """Phase 6: drop the PEFT wrapper; the merged model is asymmetric."""
+    """Phase 6: drop the PEFT wrapper; the merged model is asymmetric, its config free of load-time options."""
     merged = model.unload()
-    mark_asymmetric(merged)
     split_ragged_groups(merged)  # the adapter is gone: store a ragged last group as equal groups every kernel loads
+    mark_merged(merged)  # sym: false, no load-time backend pin (after the split: a group left ragged keeps it)
     report.zero_points_at_0 = count_zero_points_at_0(merged)
     install_checkpoint_format_hooks(merged)  # merged.save_pretrained / push_to_hub write a correct checkpoint
     logger.info("merge: %s", report.totals)

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from qalora_hf import QALoraConfig, get_qalora_model, merge_qalora  # noqa: E402
+from qalora_hf import QALoraConfig, export_gptq, get_qalora_model, merge_qalora  # noqa: E402
 from qalora_hf.model import gptq_layers  # noqa: E402
 from qalora_hf.quantize import load_gptq_model  # noqa: E402
 
@@ -29,13 +29,14 @@ RELOAD = """
 import json, sys, torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-out = {}
+out, kernels = {}, {}
 for d in json.loads(sys.argv[1]):
     ref = load_file(d + "/../reference.safetensors")
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    kernels[d] = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
     with torch.no_grad():
         out[d] = (model(input_ids=ref["input_ids"]).logits - ref["logits"]).abs().max().item()
-print("RESULT", json.dumps(out))
+print("RESULT", json.dumps([out, kernels]))
 """
 
 
@@ -52,15 +53,20 @@ def _save(model, ids, root: Path, name: str) -> str:
     return str(root / name)
 
 
-def _reload_in_fresh_process(dirs: list[str], tmp_path, env=None) -> dict[str, float]:
+def _reload_in_fresh_process(dirs: list[str], tmp_path, env=None) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Stock ``from_pretrained`` of each dir in one fresh process: max |logit - reference| and the kernels it picked."""
     result = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(dirs)], capture_output=True, text=True,
                             timeout=600, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.split("RESULT")[-1])
+    diffs, kernels = json.loads(result.stdout.split("RESULT")[-1])
+    return diffs, kernels
 
 
 def test_loaded_and_merged_models_save_pretrained_and_reload_to_the_same_logits(gptq_checkpoint, sample_input_ids, tmp_path):
-    dirs, effects = [], {}
+    """... and a merged model's plain save_pretrained writes the config export_gptq writes in what matters: sym false,
+    no calibration text, no load-time backend="torch" (which pinned gptqmodel's slower TorchLinear on every reload),
+    so stock from_pretrained picks the same kernel for both."""
+    dirs, effects, pairs = [], {}, []
     for cfg in CONFIGS:
         bits, desc_act, sym = cfg
         base = load_gptq_model(str(gptq_checkpoint(bits, desc_act, sym)))
@@ -74,12 +80,19 @@ def test_loaded_and_merged_models_save_pretrained_and_reload_to_the_same_logits(
                 m.lora_B["default"].weight.data.mul_(0.2)
         merged, _ = merge_qalora(peft_model, strategy="round", progress=False)
         effects[config_id(cfg)] = float((_logits(merged, sample_input_ids) - base_logits).abs().max())
-        dirs.append(_save(merged, sample_input_ids, tmp_path / f"{config_id(cfg)}-merged", "model"))
+        saved = _save(merged, sample_input_ids, tmp_path / f"{config_id(cfg)}-merged", "model")
+        qc = json.loads((Path(saved) / "config.json").read_text())["quantization_config"]
+        assert qc["sym"] is False and qc.get("backend") is None and qc.get("dataset") is None, qc
+        exported = str(export_gptq(merged, tmp_path / f"{config_id(cfg)}-merged" / "export"))
+        dirs += [saved, exported]
+        pairs.append((saved, exported))
 
-    diffs = _reload_in_fresh_process(dirs, tmp_path)
-    print("merge effect on logits:", effects, "\nreload max|dlogit|:", diffs)
+    diffs, kernels = _reload_in_fresh_process(dirs, tmp_path)
+    print("merge effect on logits:", effects, "\nreload max|dlogit|:", diffs, "\nkernels:", kernels)
     assert all(e > 0.02 for e in effects.values())  # the merge changed the model
     assert all(d <= 1e-3 for d in diffs.values()), diffs
+    for saved, exported in pairs:
+        assert kernels[saved] == kernels[exported], (saved, kernels[saved], kernels[exported])
 
 
 def test_state_dict_round_trip_is_the_identity_and_matches_the_label(gptq_checkpoint):
