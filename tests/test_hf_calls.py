@@ -1,5 +1,5 @@
 """The standard Hugging Face calls on what QALoraTrainer and the merge hand back, in the real-world cases where they
-went silently wrong: `SFTConfig(seed=...)` across fresh processes, `packing=True` through the merge's calibration,
+went silently wrong: `SFTConfig(seed=...)` and the default merge across fresh processes, `packing=True` through the merge's calibration,
 `trainer.push_to_hub()` after `train()`, and the clear errors (kernel, `torch_fused` merge, a BOS-adding tokenizer,
 a model already wrapped by PEFT)."""
 
@@ -107,6 +107,47 @@ def test_same_seed_in_two_fresh_processes_gives_identical_adapters_and_losses(gp
     assert losses["a"] == losses["b"], losses  # identical per-step losses (floats compared exactly)
     assert len(set(losses["a"].values())) > 1  # the steps did train
     assert all(not torch.equal(init["a"][k], init["c"][k]) for k in a_keys)  # another seed, other lora_A
+
+
+DISTILL_RUN = r"""
+import sys, torch
+from safetensors.torch import save_file
+from qalora_hf import QALoraConfig, get_qalora_model, merge_qalora
+from qalora_hf.model import gptq_layers
+from qalora_hf.quantize import load_gptq_model
+from qalora_hf.testing.tiny import TINY_TEXTS, tiny_tokenizer
+
+tok = tiny_tokenizer()
+calibration = [dict(tok(TINY_TEXTS[i:i + 8], return_tensors="pt", padding=True)) for i in range(0, 32, 8)]
+torch.manual_seed(0)
+model = get_qalora_model(load_gptq_model(sys.argv[1]), QALoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+for name, p in model.named_parameters():
+    if "lora_B" in name:
+        p.data.mul_(0.2)
+merged, report = merge_qalora(model, strategy="distill", calibration=calibration, progress=False)
+assert report.totals["scales_changed"] > 0
+save_file({f"{n}.{k}": getattr(layer, k).detach().contiguous() for n, layer in gptq_layers(merged).items()
+           for k in ("qweight", "qzeros", "scales", "g_idx")}, sys.argv[2])
+"""
+
+
+def test_the_default_merge_of_one_adapter_in_two_fresh_processes_writes_identical_integers_and_scales(gptq_checkpoint, tmp_path):
+    """`distill` (line search over step sizes, shuffled targets, code flips) is seeded: the same adapter merged in two
+    fresh processes gives bit-identical qweight, qzeros, scales and g_idx (act-order base, so g_idx is not trivial)."""
+    gptq = str(gptq_checkpoint(4, True, True))
+    outs = []
+    for run in ("a", "b"):
+        outs.append(load_file(str(_run_in_fresh_process(DISTILL_RUN, gptq, str(tmp_path / f"{run}.safetensors"), cwd=tmp_path))))
+    assert sorted(outs[0]) == sorted(outs[1]) and any(k.endswith(".scales") for k in outs[0])
+    for key in outs[0]:
+        assert torch.equal(outs[0][key], outs[1][key]), key
+
+
+def _run_in_fresh_process(script: str, *args: str, cwd) -> str:
+    """Run ``script`` with ``args`` in a fresh Python; return its last argument (the file it wrote)."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return args[-1]
 
 
 # --------------------------------------------------------------------------------------------------
