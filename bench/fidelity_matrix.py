@@ -98,12 +98,13 @@ DESIGN = [
 # Group 128: SmolLM2-135M's 576 = 4 x 128 + 64, so GPTQ makes a ragged last group, which QA-LoRA pools as its own
 # group (qalora_hf.adapter.group_counts).  Not in the covering array (its pairs with every other level would take at
 # least three more cells): the Hub's most common GPTQ setting (4-bit, symmetric, act-order) trained as the demo is,
-# and its opposite in the quantisation factors (3-bit, asymmetric, act-order off; r64).  Together they hold group 128
-# with every level of bits 4/3, sym, act-order and r; not with 2 bits, lr 2e-5 or 200 steps.  They count in the
-# summary and the card's matrix like design cells.
+# its opposite in the quantisation factors (3-bit, asymmetric, act-order off; r64), and a third with the levels those
+# lack (2 bits, lr 2e-5, 200 steps; asymmetric with act-order).  Together they hold group 128 with every level of
+# every other factor (not every pair).  They count in the summary and the card's matrix like design cells.
 GROUP_128 = [
     Cell(4, 128, True, True, 16, 2e-4, 40),
     Cell(3, 128, False, False, 64, 2e-4, 40),
+    Cell(2, 128, False, True, 16, 2e-5, 200),
 ]
 MATRIX_CELLS = DESIGN + GROUP_128  # the cells the summary, the README and the model card report
 QUICK = [DESIGN[0].name, DESIGN[1].name]
