@@ -1,7 +1,7 @@
 """The standard Hugging Face calls on what QALoraTrainer and the merge hand back, in the real-world cases where they
-went silently wrong: `SFTConfig(seed=...)` and the default merge across fresh processes, `packing=True` through the merge's calibration,
-`trainer.push_to_hub()` after `train()`, and the clear errors (kernel, `torch_fused` merge, a BOS-adding tokenizer,
-a model already wrapped by PEFT)."""
+went silently wrong: `SFTConfig(seed=...)` and the default merge across fresh processes, `packing=True` through the
+merge's calibration, `trainer.push_to_hub()` after `train()`, and the clear errors (kernel, `torch_fused` merge, a
+BOS-adding tokenizer, a model already wrapped by PEFT)."""
 
 from __future__ import annotations
 
@@ -137,17 +137,14 @@ def test_the_default_merge_of_one_adapter_in_two_fresh_processes_writes_identica
     gptq = str(gptq_checkpoint(4, True, True))
     outs = []
     for run in ("a", "b"):
-        outs.append(load_file(str(_run_in_fresh_process(DISTILL_RUN, gptq, str(tmp_path / f"{run}.safetensors"), cwd=tmp_path))))
+        out = tmp_path / f"{run}.safetensors"
+        proc = subprocess.run([sys.executable, "-c", DISTILL_RUN, gptq, str(out)], capture_output=True, text=True,
+                              timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        outs.append(load_file(str(out)))
     assert sorted(outs[0]) == sorted(outs[1]) and any(k.endswith(".scales") for k in outs[0])
     for key in outs[0]:
         assert torch.equal(outs[0][key], outs[1][key]), key
-
-
-def _run_in_fresh_process(script: str, *args: str, cwd) -> str:
-    """Run ``script`` with ``args`` in a fresh Python; return its last argument (the file it wrote)."""
-    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600, cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return args[-1]
 
 
 # --------------------------------------------------------------------------------------------------
