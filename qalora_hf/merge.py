@@ -330,17 +330,16 @@ def _refit_scales(
     g = int(counts.max())
     # channel i goes to slot g_idx[i] * g + (its rank inside its group): groups padded to g slots, the padding
     # (a ragged last group's missing channels) with v = 0 and H = 0, so it adds nothing to either side
-    perm = torch.argsort(g_idx, stable=True)
-    slot = (g_idx * g + rank_in_group(g_idx))[perm]
+    slot = g_idx * g + rank_in_group(g_idx)  # [K], one slot per channel
     v = torch.zeros(n, groups * g)
-    v[:, slot] = (t.q - z[t.g_idx]).to(torch.float32).t()[:, perm]
+    v[:, slot] = (t.q - z[t.g_idx]).to(torch.float32).t()
     v = v.reshape(n, groups, g)  # [N, G, g]
-    h_sorted = hessian.to(torch.float32)[perm][:, perm]
+    hessian = hessian.to(torch.float32)
     h = torch.zeros(groups * g, groups * g)
-    h[slot.unsqueeze(1), slot.unsqueeze(0)] = h_sorted
+    h[slot.unsqueeze(1), slot.unsqueeze(0)] = hessian
     h4 = h.reshape(groups, g, groups, g)
     rhs_full = torch.zeros(n, groups * g)
-    rhs_full[:, slot] = target.to(torch.float32)[:, perm] @ h_sorted  # [N, K] in slots
+    rhs_full[:, slot] = target.to(torch.float32) @ hessian  # [N, K] in slots
     rhs = (rhs_full.reshape(n, groups, g) * v).sum(-1)  # [N, G]
     new = torch.empty(n, groups, dtype=torch.float32)
     for o1 in range(0, n, chunk):
